@@ -1,0 +1,3 @@
+from lnull.cli import main
+
+main()

@@ -1,0 +1,190 @@
+"""Typed configuration schema under the Hydra YAML files.
+
+Every YAML group in ``configs/`` is validated against these dataclasses, which Hydra registers as the
+schema of the primary config.  Because the schema is a structured config, a misspelt key anywhere
+(``method.rnak=8``) is an error instead of a silently ignored value.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+STAGES = ("calibrate", "init", "train", "evaluate")
+
+
+@dataclass
+class ModelConfig:
+    """Which pre-trained model to start from.
+
+    ``name_or_path``: ``lnull:tiny`` (random tiny LLaMA built in code), ``asset:<name>`` (an offline
+    asset from ``lnull assets``), a local HF folder, or a hub name (when a hub is reachable).
+    """
+
+    name: str = MISSING
+    name_or_path: str = MISSING
+    dtype: str = "float32"  # float32 | bfloat16 | float16; what the model is loaded and saved in
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    add_bos: bool = True  # prepend BOS when tokenising (recorded; it moves scores)
+
+
+@dataclass
+class MethodConfig:
+    """Adapter initialisation method; ``name`` must be a key of ``lnull.methods.REGISTRY``."""
+
+    name: str = MISSING
+    rank: int = 8
+    alpha: Optional[float] = None  # lora_alpha; None means alpha = rank (scale 1, as the official code)
+    dropout: float = 0.0
+    k: int = 16  # OPLoRA: number of top singular directions of W0 kept orthogonal
+    damping: float = 1e-6  # CorDA: relative damping of the covariance inverse
+    seed: int = 0
+
+
+@dataclass
+class CalibrationConfig:
+    """Calibration text for activation statistics (``calibration.samples`` x ``calibration.seqlen`` tokens)."""
+
+    dataset: str = "asset:nq_open/dev"
+    field: str = "question"
+    samples: int = 256
+    seqlen: int = 1024
+    batch_size: int = 8
+    seed: int = 233
+    official: bool = False  # per-sample divide by max activation, as the official code
+
+
+@dataclass
+class TaskConfig:
+    """Fine-tuning data: a source of (instruction, response) records."""
+
+    name: str = MISSING
+    dataset: str = MISSING
+    query_field: str = "query"
+    response_field: str = "response"
+    max_examples: Optional[int] = 100_000
+    prompt: str = "alpaca"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation recipe; defaults follow the papers (DESIGN.md)."""
+
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    scheduler: str = "cosine"
+    micro_batch_size: int = 1
+    grad_accum: int = 128
+    epochs: float = 1.0
+    max_steps: Optional[int] = None  # overrides epochs when set
+    max_length: int = 512
+    seed: int = 42
+    log_every: int = 1
+
+
+@dataclass
+class BenchmarkConfig:
+    """One benchmark: ``kind`` selects the scorer, ``dataset`` the records."""
+
+    kind: str = "qa_exact_match"
+    dataset: str = MISSING
+    question_field: str = "question"
+    answer_field: str = "answer"
+    max_new_tokens: int = 24
+    prompt: str = "Q: {question}?\nA:"
+
+
+@dataclass
+class EvalConfig:
+    """Which benchmarks to score and how many items each (``limit``; None = all)."""
+
+    benchmarks: dict[str, BenchmarkConfig] = field(default_factory=dict)
+    limit: Optional[int] = None
+    batch_size: int = 16
+    models: list[str] = field(default_factory=lambda: ["trained"])  # base | init | trained
+
+
+@dataclass
+class TableConfig:
+    """Paper-style table built from run results."""
+
+    name: str = "summary"
+    runs: list[str] = field(default_factory=list)  # run folders; empty = every run under run.root
+    out_dir: str = "results/tables"
+
+
+@dataclass
+class RunConfig:
+    """Where the run folder goes. ``dir`` None = ``<root>/<experiment>-<config hash>``."""
+
+    root: str = "runs"
+    dir: Optional[str] = None
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+
+
+@dataclass
+class LnullConfig:
+    """The whole resolved configuration of one run."""
+
+    experiment: str = "default"
+    model: ModelConfig = MISSING
+    method: MethodConfig = MISSING
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    task: TaskConfig = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    table: TableConfig = field(default_factory=TableConfig)
+    accelerate: Optional[str] = None  # name of a config in configs/accelerate/, None = single process
+    run: RunConfig = field(default_factory=RunConfig)
+    cache_dir: Optional[str] = None  # offline asset cache; None = $LNULL_CACHE or ~/.cache/lnull
+    device: str = "auto"  # auto | cpu | cuda
+    progress: bool = True
+
+
+def register_schema() -> None:
+    """Register the schema so YAML groups are validated (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="lnull_schema", node=LnullConfig)
+    for group, node in (("model", ModelConfig), ("method", MethodConfig), ("calibration", CalibrationConfig),
+                        ("task", TaskConfig), ("train", TrainConfig), ("eval", EvalConfig), ("table", TableConfig)):
+        cs.store(group=group, name=f"{group}_schema", node=node)
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the bad value in one line."""
+
+
+def validate(cfg: DictConfig | LnullConfig) -> None:
+    """Cross-field checks that need no model or data; raise ConfigError before heavy work."""
+    from lnull.methods import REGISTRY
+
+    if cfg.method.name not in REGISTRY:
+        raise ConfigError(f"unknown method '{cfg.method.name}'; known: {', '.join(sorted(REGISTRY))}")
+    if cfg.method.rank < 1:
+        raise ConfigError(f"method.rank must be >= 1, got {cfg.method.rank}")
+    if cfg.calibration.samples < 1:
+        raise ConfigError(f"calibration.samples must be >= 1, got {cfg.calibration.samples}")
+    if cfg.calibration.seqlen < 2:
+        raise ConfigError(f"calibration.seqlen must be >= 2, got {cfg.calibration.seqlen}")
+    for stage in cfg.run.stages:
+        if stage not in STAGES:
+            raise ConfigError(f"unknown stage '{stage}' in run.stages; known: {', '.join(STAGES)}")
+    if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got '{cfg.model.dtype}'")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device must be auto, cpu or cuda, got '{cfg.device}'")
+    for name in cfg.eval.models:
+        if name not in ("base", "init", "trained"):
+            raise ConfigError(f"eval.models entry '{name}' must be base, init or trained")
+    if cfg.train.micro_batch_size < 1 or cfg.train.grad_accum < 1:
+        raise ConfigError("train.micro_batch_size and train.grad_accum must be >= 1")
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    """Plain resolved dict of a config (what ``config.yaml`` in a run folder holds)."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]

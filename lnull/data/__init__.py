@@ -1,0 +1,1 @@
+"""Data sources, prompt templates and tokenisation."""

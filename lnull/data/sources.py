@@ -1,0 +1,58 @@
+"""Record sources behind one spec string, so configs name data the same way online and offline.
+
+Spec forms:
+    synthetic:<generator>:<n>   generated in code (lnull.data.synthetic)
+    asset:<name>/<split>        an offline asset converted by ``lnull assets``
+    /path/to/file.jsonl         a local jsonl (or .json list) file
+    hub:<dataset>[/<config>]:<split>   ``datasets.load_dataset`` when a hub is reachable
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from lnull.config import ConfigError
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def load_records(spec: str, cache_dir: Optional[str] = None, limit: Optional[int] = None) -> list[dict[str, Any]]:
+    """Records named by ``spec`` (see module docstring), at most ``limit`` of them, in source order."""
+    if spec.startswith("synthetic:"):
+        from lnull.data.synthetic import GENERATORS
+
+        parts = spec.split(":")
+        if len(parts) != 3 or parts[1] not in GENERATORS or not parts[2].isdigit():
+            raise ConfigError(f"bad synthetic dataset '{spec}'; use synthetic:<{'|'.join(GENERATORS)}>:<n>")
+        rows = GENERATORS[parts[1]](int(parts[2]))
+    elif spec.startswith("asset:"):
+        from lnull.assets import asset_path
+
+        name, _, split = spec[len("asset:"):].partition("/")
+        rows = read_jsonl(asset_path(name, split or "test", cache_dir=cache_dir))
+    elif spec.startswith("hub:"):
+        import datasets
+
+        name, _, split = spec[len("hub:"):].rpartition(":")
+        path, _, config = name.partition("/") if name.count("/") > 1 else (name, "", "")
+        ds = datasets.load_dataset(path, config or None, split=split or "train")
+        rows = [dict(r) for r in (ds.select(range(min(limit, len(ds)))) if limit else ds)]
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise ConfigError(f"dataset '{spec}' not found: not a file, and not synthetic:/asset:/hub:")
+        rows = read_jsonl(path) if path.suffix == ".jsonl" else json.loads(path.read_text())
+    return rows[:limit] if limit is not None else rows
+
+
+def require_fields(rows: list[dict[str, Any]], fields: list[str], spec: str) -> None:
+    """Raise ConfigError naming the first missing field (checked on the first record)."""
+    if not rows:
+        raise ConfigError(f"dataset '{spec}' is empty")
+    for name in fields:
+        if name not in rows[0]:
+            raise ConfigError(f"dataset '{spec}' has no field '{name}' (fields: {', '.join(rows[0])})")

@@ -1,0 +1,102 @@
+"""Stage `init`: apply an initialisation method to every targeted linear layer.
+
+Writes ``init/base/`` (plain HF folder with the residual weights), ``init/adapter/`` (standard PEFT
+LoRA adapter plus ``lnull_method.json`` with the freezing rule) and ``init/report.json``.
+Loading ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)`` gives the
+original model's outputs.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from lnull.config import ConfigError
+from lnull.methods import REGISTRY
+from lnull.modeling import load_model, load_tokenizer, resolve_model, target_linears
+from lnull.runs import atomic_write_json
+
+METHOD_FILE = "lnull_method.json"
+
+
+def load_covariances(stats_path: Path) -> dict[str, torch.Tensor]:
+    """``{module: C [d_in, d_in]}`` from calibration, expanding aliases of shared inputs."""
+    import json
+
+    tensors = load_file(str(stats_path / "stats.safetensors"))
+    alias = json.loads((stats_path / "meta.json").read_text())["alias"]
+    return {name: tensors[f"{canon}.covariance"] for name, canon in alias.items()}
+
+
+def lora_scale(cfg_method: dict[str, Any]) -> float:
+    """s = lora_alpha / r (alpha None -> r, i.e. s = 1 as the official code)."""
+    alpha = cfg_method["alpha"] if cfg_method["alpha"] is not None else cfg_method["rank"]
+    return float(alpha) / cfg_method["rank"]
+
+
+def run(cfg: dict[str, Any], out_dir: Path, calibration_dir: Optional[Path]) -> dict[str, Any]:
+    mcfg, meth_cfg = cfg["model"], cfg["method"]
+    method = REGISTRY[meth_cfg["name"]]
+    path = resolve_model(mcfg["name_or_path"], cfg.get("cache_dir"))
+    model = load_model(path, mcfg["dtype"], "cpu")
+    tokenizer = load_tokenizer(path)
+    linears = target_linears(model, mcfg["target_modules"])
+    rank = meth_cfg["rank"]
+    for name, lin in linears.items():
+        if method.init is not None and rank > min(lin.weight.shape):
+            raise ConfigError(f"method.rank={rank} exceeds min(d_out, d_in)={min(lin.weight.shape)} of {name}")
+    covs: dict[str, torch.Tensor] = {}
+    if method.needs_calibration:
+        if calibration_dir is None or not (calibration_dir / "stats.safetensors").exists():
+            raise ConfigError(f"method '{method.name}' needs calibration stats; run `lnull calibrate` first")
+        covs = load_covariances(calibration_dir)
+
+    report: dict[str, Any] = {"method": method.name, "rank": rank, "modules": {}}
+    start = time.perf_counter()
+    if method.init is None:  # full fine-tuning: the base is the original model
+        model.save_pretrained(out_dir / "base")
+        tokenizer.save_pretrained(out_dir / "base")
+        report["seconds"] = time.perf_counter() - start
+        atomic_write_json(out_dir / "report.json", report)
+        return {"modules": 0}
+
+    from peft import LoraConfig, get_peft_model
+
+    scale = lora_scale(meth_cfg)
+    inits = {}
+    for name, lin in tqdm(linears.items(), desc=f"init {method.name}", unit="layer", disable=not cfg["progress"]):
+        W0 = lin.weight.detach().float()
+        res = method.init(W0, covs.get(name), rank, scale, _Opts(meth_cfg))
+        err = (res.residual + scale * res.B @ res.A - W0).norm() / W0.norm().clamp_min(1e-30)
+        report["modules"][name] = {"shape": list(W0.shape), "reconstruction_rel_err": float(err)}
+        inits[name] = res
+        lin.weight.data.copy_(res.residual.to(lin.weight.dtype))
+    model.save_pretrained(out_dir / "base")
+    tokenizer.save_pretrained(out_dir / "base")
+
+    lcfg = LoraConfig(r=rank, lora_alpha=meth_cfg["alpha"] if meth_cfg["alpha"] is not None else rank,
+                      lora_dropout=meth_cfg["dropout"], target_modules=list(mcfg["target_modules"]),
+                      init_lora_weights=False, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lcfg)
+    for name, res in inits.items():
+        layer = peft_model.base_model.model.get_submodule(name)
+        layer.lora_A["default"].weight.data.copy_(res.A)
+        layer.lora_B["default"].weight.data.copy_(res.B)
+    peft_model.save_pretrained(out_dir / "adapter")
+    atomic_write_json(out_dir / "adapter" / METHOD_FILE, {"method": method.name, "frozen": method.frozen,
+                                                          "rank": rank, "scale": scale})
+    report["seconds"] = time.perf_counter() - start
+    report["max_reconstruction_rel_err"] = max(m["reconstruction_rel_err"] for m in report["modules"].values())
+    atomic_write_json(out_dir / "report.json", report)
+    return {"modules": len(inits), "max_reconstruction_rel_err": report["max_reconstruction_rel_err"]}
+
+
+class _Opts:
+    """Attribute access to the method config for method functions (``cfg.seed``, ``cfg.k``...)."""
+
+    def __init__(self, d: dict[str, Any]):
+        self.__dict__.update(d)

@@ -1,0 +1,69 @@
+"""Chaining stages over a run folder: skip completed stages, resume the first incomplete one."""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from lnull.config import STAGES, ConfigError
+from lnull.runs import RunFolder, atomic_write_json, provenance
+
+
+def _calibrate(cfg, run: RunFolder, out):
+    from lnull import calibrate
+
+    return calibrate.run(cfg, out)
+
+
+def _init(cfg, run: RunFolder, out):
+    from lnull import initialize
+
+    return initialize.run(cfg, out, run.stage_dir("calibrate") if run.is_complete("calibrate") else None)
+
+
+def _train(cfg, run: RunFolder, out):
+    from lnull import train
+
+    return train.run(cfg, out, run.stage_dir("init"))
+
+
+def _evaluate(cfg, run: RunFolder, out):
+    from lnull import evaluate
+
+    return evaluate.run(cfg, out, run.path)
+
+
+STAGE_FUNCS: dict[str, Callable[[dict, RunFolder, Any], dict]] = {
+    "calibrate": _calibrate, "init": _init, "train": _train, "evaluate": _evaluate}
+# Stages whose outputs a stage reads; they must be complete first.
+NEEDS = {"calibrate": (), "init": ("calibrate",), "train": ("init",), "evaluate": ("init",)}
+
+
+def run_stage(run: RunFolder, stage: str, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run one stage unless complete for the current config; stale outputs and later stages are dropped."""
+    if run.is_complete(stage):
+        log(f"[{stage}] cached: {run.stage_dir(stage)}")
+        return {"cached": True}
+    missing = [s for s in NEEDS[stage] if not run.is_complete(s)]
+    if stage == "evaluate" and "trained" in run.cfg["eval"]["models"] and not run.is_complete("train"):
+        missing.append("train")
+    if missing:
+        raise ConfigError(f"stage '{stage}' needs '{missing[0]}' first: run `lnull {missing[0]}` or `lnull run`")
+    dropped = run.invalidate_from(stage) if run.stage_dir(stage).exists() else []
+    if dropped:
+        log(f"[{stage}] config changed: removed {', '.join(dropped)}")
+    start = time.perf_counter()
+    summary = STAGE_FUNCS[stage](run.cfg, run, run.begin(stage))
+    summary = {**summary, "wall_seconds": round(time.perf_counter() - start, 3)}
+    run.publish(stage, summary)
+    log(f"[{stage}] done in {summary['wall_seconds']:.1f}s: {run.stage_dir(stage)}")
+    return summary
+
+
+def run_pipeline(cfg: dict[str, Any], stages: list[str] | None = None,
+                 log: Callable[[str], None] = print) -> RunFolder:
+    """Run ``stages`` (default ``run.stages``) in order on the config's run folder."""
+    run = RunFolder.for_config(cfg)
+    atomic_write_json(run.path / "provenance.json", provenance())
+    for stage in stages or [s for s in STAGES if s in cfg["run"]["stages"]]:
+        run_stage(run, stage, log)
+    return run

@@ -1,0 +1,52 @@
+"""A random tiny LLaMA and a BPE tokenizer trained offline in code (tests and the `tiny` experiment)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from lnull.data.synthetic import corpus
+
+TINY_ID = "lnull:tiny"
+
+
+def build_tokenizer(vocab_size: int = 512):
+    """Byte-level BPE trained on the synthetic corpus; has BOS/EOS/PAD like a LLaMA tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    from lnull.data.prompts import ALPACA
+
+    tok.train_from_iterator(corpus(400, seed=1) + [ALPACA] * 50, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def build_model(tokenizer, hidden: int = 64, layers: int = 2, seed: int = 0):
+    """Randomly initialised LlamaForCausalLM with ``hidden`` width (fp32, deterministic in ``seed``)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def materialize(folder: Path) -> Path:
+    """Save the tiny model + tokenizer as a plain HF folder (once; reused afterwards)."""
+    folder = Path(folder)
+    if (folder / "config.json").exists():
+        return folder
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer)
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(folder)
+    return folder
