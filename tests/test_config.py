@@ -1,0 +1,60 @@
+"""Config composition: every experiment composes and validates; keys are strict; run dirs are stable."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lnull.cli import CONFIG_DIR, compose
+from lnull.config import ConfigError
+from lnull.runs import default_run_dir, stage_fingerprints
+
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+
+
+def test_experiments_exist():
+    assert {"tiny", "demo", "math_llama2"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_with_public_keys(name):
+    cfg = compose([f"+experiment={name}"])
+    assert cfg["experiment"] == name
+    assert cfg["method"]["rank"] >= 1 and cfg["calibration"]["samples"] >= 1 and cfg["calibration"]["seqlen"] > 1
+    assert cfg["model"]["name_or_path"]
+    assert "dir" in cfg["run"]
+
+
+def test_every_yaml_starts_with_a_comment_giving_a_command():
+    for path in CONFIG_DIR.rglob("*.yaml"):
+        first = path.read_text().splitlines()[0]
+        if first.startswith("# @package"):
+            first = path.read_text().splitlines()[1]
+        assert first.startswith("#") and ("lnull" in first or "make" in first), path
+
+
+@pytest.mark.parametrize("override", ["method.rnak=3", "calibration.sampels=3", "model.nme=x", "nope=1"])
+def test_misspelt_key_is_an_error(override):
+    with pytest.raises(Exception, match=override.split("=")[0].split(".")[-1]):
+        compose(["+experiment=tiny", override])
+
+
+def test_cross_field_error_names_the_value():
+    with pytest.raises(ConfigError, match="'bogus'"):
+        compose(["+experiment=tiny", "method.name=bogus"])
+
+
+def test_run_dir_is_stable_and_ignores_eval_and_run_keys(tmp_path):
+    a = compose(["+experiment=tiny"])
+    b = compose(["+experiment=tiny", "eval.limit=3", "progress=false"])
+    c = compose(["+experiment=tiny", "method.rank=8"])
+    assert default_run_dir(a) == default_run_dir(b)
+    assert default_run_dir(a) != default_run_dir(c)
+    assert Path(default_run_dir(a)).name.startswith("tiny-")
+
+
+def test_fingerprints_chain_so_a_change_invalidates_later_stages_only():
+    a = stage_fingerprints(compose(["+experiment=tiny"]))
+    b = stage_fingerprints(compose(["+experiment=tiny", "train.lr=0.1"]))
+    assert a["calibrate"] == b["calibrate"] and a["init"] == b["init"]
+    assert a["train"] != b["train"] and a["evaluate"] != b["evaluate"]
