@@ -1,0 +1,116 @@
+"""Stage behaviour on the tiny model: covariance maths, init invariant, tables and analysis outputs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lnull.analysis import activation_singular_values, effective_rank
+from lnull.calibrate import collect
+from lnull.modeling import load_model, load_tokenizer, resolve_model
+from lnull.pipeline import run_pipeline
+from lnull.tiny import TINY_ID
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    path = resolve_model(TINY_ID)
+    return load_model(path), load_tokenizer(path)
+
+
+def test_covariance_equals_explicit_xtx_and_shared_inputs_are_aliased(tiny_model):
+    model, _ = tiny_model
+    ids = torch.randint(3, 200, (6, 20), generator=torch.Generator().manual_seed(0))
+    captured = {}
+    handle = model.model.layers[1].mlp.down_proj.register_forward_hook(
+        lambda m, i, o: captured.setdefault("x", []).append(i[0].detach().reshape(-1, i[0].shape[-1])))
+    col = collect(model, ids, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                  batch_size=4, progress=False)
+    handle.remove()
+    X = torch.cat(captured["x"]).double()
+    torch.testing.assert_close(col.cov["model.layers.1.mlp.down_proj"], X.T @ X, rtol=1e-5, atol=1e-5)
+    assert col.tokens["model.layers.1.mlp.down_proj"] == 6 * 20
+    for layer in (0, 1):
+        q = f"model.layers.{layer}.self_attn.q_proj"
+        assert col.alias[f"model.layers.{layer}.self_attn.k_proj"] == q
+        assert col.alias[f"model.layers.{layer}.self_attn.v_proj"] == q
+        assert col.alias[f"model.layers.{layer}.mlp.up_proj"] == f"model.layers.{layer}.mlp.gate_proj"
+        assert col.alias[f"model.layers.{layer}.self_attn.o_proj"] == f"model.layers.{layer}.self_attn.o_proj"
+    assert len(col.cov) == 2 * 4  # per layer: qkv, o, gate/up, down
+    assert col.alias["model.layers.1.self_attn.q_proj"] != col.alias["model.layers.0.self_attn.q_proj"]
+
+
+def test_official_normalisation_divides_each_sample_by_its_max(tiny_model):
+    model, _ = tiny_model
+    ids = torch.randint(3, 200, (2, 10), generator=torch.Generator().manual_seed(1))
+    plain = collect(model, ids[:1], ["o_proj"], 1, progress=False).cov["model.layers.0.self_attn.o_proj"]
+    norm = collect(model, ids[:1], ["o_proj"], 1, official=True, progress=False).cov["model.layers.0.self_attn.o_proj"]
+    captured = []
+    h = model.model.layers[0].self_attn.o_proj.register_forward_hook(lambda m, i, o: captured.append(i[0]))
+    model(input_ids=ids[:1])
+    h.remove()
+    peak = captured[0].abs().max().double()
+    torch.testing.assert_close(norm * peak**2, plain, rtol=1e-4, atol=1e-6)
+
+
+def test_effective_rank_of_known_spectra():
+    assert effective_rank(torch.ones(7)) == pytest.approx(7.0)
+    assert effective_rank(torch.tensor([1.0, 0.0, 0.0])) == pytest.approx(1.0)
+    X = torch.randn(50, 6, dtype=torch.float64)
+    torch.testing.assert_close(activation_singular_values(X.T @ X), torch.linalg.svdvals(X))
+
+
+@pytest.fixture(scope="module")
+def finished_tiny_run(tmp_path_factory):
+    from lnull.cli import compose
+
+    root = tmp_path_factory.mktemp("runs")
+    cfg = compose(["+experiment=tiny", f"run.root={root}", "progress=false", "train.max_steps=2",
+                   f"table.out_dir={root / 'tables'}"])
+    run_pipeline(cfg, log=lambda m: None)
+    return cfg
+
+
+def test_lora_init_reproduces_the_original_logits_after_reload(finished_tiny_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lnull.runs import default_run_dir
+
+    run_dir = default_run_dir(finished_tiny_run)
+    original = load_model(resolve_model(TINY_ID))
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run_dir / "init" / "base"),
+                                         run_dir / "init" / "adapter").eval()
+    ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        diff = (reloaded(input_ids=ids).logits - original(input_ids=ids).logits).abs().max()
+    assert diff <= 1e-4
+    report = json.loads((run_dir / "init" / "report.json").read_text())
+    assert report["rank"] == 4 and report["max_reconstruction_rel_err"] < 1e-6
+    assert len(report["modules"]) == 14
+
+
+def test_table_is_built_from_results_json(finished_tiny_run):
+    from pathlib import Path
+
+    from lnull.tables import build_tables
+
+    paths = build_tables(finished_tiny_run)
+    assert sorted(p.suffix for p in paths) == [".csv", ".md", ".tex"]
+    md = Path(finished_tiny_run["table"]["out_dir"], "summary.md").read_text()
+    results = json.loads((Path(finished_tiny_run["run"]["root"]).glob("tiny-*").__next__() / "eval" /
+                          "results.json").read_text())["results"]
+    for rec in results:
+        assert f"| tiny | lora | 4 | {rec['model']} | {rec['value']:.2f} |" in md
+
+
+def test_analyze_writes_effective_ranks_for_weights_and_activations(finished_tiny_run):
+    import csv
+
+    from lnull.analysis import run_analysis
+
+    [path] = run_analysis(finished_tiny_run)
+    rows = list(csv.DictReader(path.open()))
+    assert {r["matrix"] for r in rows} == {"weight", "activation"} and len(rows) == 28
+    assert all(0 < float(r["effective_rank"]) <= 128 for r in rows)
