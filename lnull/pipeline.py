@@ -35,7 +35,15 @@ def _evaluate(cfg, run: RunFolder, out):
 STAGE_FUNCS: dict[str, Callable[[dict, RunFolder, Any], dict]] = {
     "calibrate": _calibrate, "init": _init, "train": _train, "evaluate": _evaluate}
 # Stages whose outputs a stage reads; they must be complete first.
-NEEDS = {"calibrate": (), "init": ("calibrate",), "train": ("init",), "evaluate": ("init",)}
+NEEDS = {"calibrate": (), "init": ("calibrate",), "train": ("init",)}
+# evaluate reads the stage that produced each model it scores (base needs none).
+EVAL_NEEDS = {"base": (), "init": ("init",), "trained": ("init", "train")}
+
+
+def needed_stages(stage: str, cfg: dict[str, Any]) -> list[str]:
+    if stage != "evaluate":
+        return list(NEEDS[stage])
+    return sorted({s for which in cfg["eval"]["models"] for s in EVAL_NEEDS[which]}, key=STAGES.index)
 
 
 def run_stage(run: RunFolder, stage: str, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -43,9 +51,7 @@ def run_stage(run: RunFolder, stage: str, log: Callable[[str], None] = print) ->
     if run.is_complete(stage):
         log(f"[{stage}] cached: {run.stage_dir(stage)}")
         return {"cached": True}
-    missing = [s for s in NEEDS[stage] if not run.is_complete(s)]
-    if stage == "evaluate" and "trained" in run.cfg["eval"]["models"] and not run.is_complete("train"):
-        missing.append("train")
+    missing = [s for s in needed_stages(stage, run.cfg) if not run.is_complete(s)]
     if missing:
         raise ConfigError(f"stage '{stage}' needs '{missing[0]}' first: run `lnull {missing[0]}` or `lnull run`")
     dropped = run.invalidate_from(stage) if run.stage_dir(stage).exists() else []

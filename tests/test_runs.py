@@ -103,3 +103,11 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
         atomic_write_json(target, circular)
     assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_evaluating_only_the_base_model_needs_no_earlier_stage(tiny_cfg):
+    logs: list[str] = []
+    run = run_pipeline(tiny_cfg("eval.models=[base]", "eval.limit=4"), stages=["evaluate"], log=logs.append)
+    results = json.loads((run.path / "eval" / "results.json").read_text())["results"]
+    assert [(r["model"], r["n"]) for r in results] == [("base", 4)]
+    assert not (run.path / "init").exists()

@@ -1,0 +1,63 @@
+"""CorDA (Yang et al.), as PEFT's ``peft/tuners/lora/corda.py``: SVD of W0 C, A from Vh C^-1.
+
+KPM (knowledge-preserved) keeps the r smallest singular triples of W0 C, IPM (instruction-previewed) the r
+largest. Damping follows PEFT: C_fix = C + damp * mean(diag C) * I, with damp doubled until
+||C_fix C_fix^-1 - I||_F < 0.05. PEFT starts at damp = 0.01 (hard-coded); here the start is
+``cfg.damping`` (set ``method.damping=0.01`` for PEFT's exact behaviour). The result is invariant to a
+global scale of C, so sum x x^T (lnull) and PEFT's per-sample-normalised mean give the same init only
+when the per-sample normalisation is uniform; PEFT's own hook divides each sample by max(x).abs().
+PEFT works in fp32; this runs in fp64 with deterministic singular-vector signs.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from lnull.methods.base import LayerInit, Method, register
+from lnull.methods.linalg import factor, svd64
+
+INV_TOLERANCE = 0.05  # PEFT's bound on ||C_fix C_fix^-1 - I||_F
+
+
+def damped_inverse(C: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C_fix, C_fix^-1), both [d_in, d_in] fp64, with PEFT's doubling relative damping from ``damp``."""
+    C = C.double()
+    mean_diag = torch.diagonal(C).mean()
+    if not torch.isfinite(C).all() or mean_diag <= 0:
+        raise ValueError("CorDA needs a finite, non-zero covariance")
+    eye = torch.eye(C.shape[0], dtype=torch.float64)
+    for _ in range(64):  # PEFT loops unbounded; 2^64 x damp is far past any useful damping
+        fixed = C + eye * mean_diag * damp
+        inv = torch.linalg.inv(fixed)
+        if torch.dist(fixed @ inv, eye).item() < INV_TOLERANCE:
+            return fixed, inv
+        damp *= 2
+    raise ValueError(f"CorDA: no damping up to {damp:.1e} gives an accurate inverse")
+
+
+def _corda(W0: torch.Tensor, cov: Optional[torch.Tensor], rank: int, scale: float, cfg: Any,
+           smallest: bool) -> LayerInit:
+    if cov is None:
+        raise ValueError("CorDA needs the input covariance C [d_in, d_in]")
+    fixed, inv = damped_inverse(cov, float(cfg.damping))
+    U, S, Vh = svd64(W0.double() @ fixed)
+    keep = slice(-rank, None) if smallest else slice(None, rank)
+    return factor(U[:, keep], S[keep], (Vh @ inv)[keep], W0, scale)
+
+
+def init_corda_kpm(W0: torch.Tensor, cov: Optional[torch.Tensor], rank: int, scale: float, cfg: Any) -> LayerInit:
+    """KPM: W0 [d_out, d_in] C_fix = U S Vh; B [d_out, r] = U_r sqrt(S_r/s), A [r, d_in] = sqrt(S_r/s) Vh_r C_fix^-1
+    for the r smallest singular values; residual = W0 - s B A."""
+    return _corda(W0, cov, rank, scale, cfg, smallest=True)
+
+
+def init_corda_ipm(W0: torch.Tensor, cov: Optional[torch.Tensor], rank: int, scale: float, cfg: Any) -> LayerInit:
+    """IPM: as :func:`init_corda_kpm` with the r largest singular values."""
+    return _corda(W0, cov, rank, scale, cfg, smallest=False)
+
+
+CORDA_KPM = register(Method("corda_kpm", init_corda_kpm, needs_calibration=True,
+                            description="CorDA knowledge-preserved: smallest singular triples of W0 C"))
+CORDA_IPM = register(Method("corda_ipm", init_corda_ipm, needs_calibration=True,
+                            description="CorDA instruction-previewed: largest singular triples of W0 C"))
