@@ -60,7 +60,13 @@ def dispatch(stage: str, cfg: dict[str, Any]) -> None:
         from lnull.assets import fetch_assets
         from lnull.modeling import cache_root
 
-        fetch_assets(None, cache_root(cfg.get("cache_dir")))
+        root = cache_root(cfg.get("cache_dir"))
+        for name, rec in fetch_assets(None, root, progress=cfg["progress"]).items():
+            files = ", ".join(dict.fromkeys(  # a model folder is shown once, data files with their rows
+                f"{f['path']} ({f['rows']} rows)" if f.get("rows") is not None else str(Path(f["path"]).parent)
+                for f in rec["files"]))
+            print(f"{name:<22} {rec['status']:<8} {files}")
+        print(f"cache: {root}")
 
 
 def _task(stage: str) -> Callable:
