@@ -14,9 +14,23 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from lnull.config import ConfigError
-from lnull.data.sources import load_records, require_fields
+from lnull.data.sources import hub_reachable, load_records, require_fields
 from lnull.modeling import load_model, load_tokenizer, pick_device, resolve_model, target_linears
 from lnull.runs import atomic_write_json
+
+
+def resolve_source(spec: str, cache_dir: str | None) -> tuple[str, list[dict[str, Any]]]:
+    """Records for ``calibration.dataset``. ``nq_open`` means the hub's NQ-Open train split (as the
+    official code) when a hub is reachable, else the offline dev split (never the test split, which is
+    evaluated). Returns (the source actually used, records)."""
+    if spec != "nq_open":
+        return spec, load_records(spec, cache_dir)
+    if hub_reachable():
+        try:
+            return "hub:nq_open:train", load_records("hub:nq_open:train", cache_dir)
+        except Exception as exc:  # no hub: fall back to the offline copy, and say so in meta.json
+            print(f"[calibrate] hub nq_open unavailable ({type(exc).__name__}); using asset:nq_open/dev")
+    return "asset:nq_open/dev", load_records("asset:nq_open/dev", cache_dir)
 
 
 def calibration_windows(tokenizer: Any, texts: list[str], samples: int, seqlen: int, seed: int,
@@ -97,8 +111,8 @@ def run(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Write ``stats.safetensors`` (``<module>.covariance`` fp32 [d_in, d_in], ``<module>.tokens``) and
     ``meta.json`` into ``out_dir``; return a summary."""
     cal, mcfg = cfg["calibration"], cfg["model"]
-    records = load_records(cal["dataset"], cfg.get("cache_dir"))
-    require_fields(records, [cal["field"]], cal["dataset"])
+    source, records = resolve_source(cal["dataset"], cfg.get("cache_dir"))
+    require_fields(records, [cal["field"]], source)
     path = resolve_model(mcfg["name_or_path"], cfg.get("cache_dir"))
     tokenizer = load_tokenizer(path)
     windows = calibration_windows(tokenizer, [r[cal["field"]] for r in records], cal["samples"], cal["seqlen"],
@@ -112,7 +126,7 @@ def run(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         tensors[f"{name}.covariance"] = cov.float().cpu().contiguous()
         tensors[f"{name}.tokens"] = torch.tensor([col.tokens[name]], dtype=torch.long)
     save_file(tensors, str(out_dir / "stats.safetensors"))
-    meta = {"dataset": cal["dataset"], "field": cal["field"], "records": len(records), "samples": cal["samples"],
+    meta = {"dataset": cal["dataset"], "source": source, "field": cal["field"], "records": len(records), "samples": cal["samples"],
             "seqlen": cal["seqlen"], "seed": cal["seed"], "add_bos": mcfg["add_bos"],
             "normalisation": "per-sample max, divided by samples (official)" if cal["official"] else "none (sum x x^T)",
             "alias": col.alias, "unique_inputs": len(col.cov)}

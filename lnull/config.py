@@ -41,7 +41,7 @@ class MethodConfig:
     alpha: Optional[float] = None  # lora_alpha; None means alpha = rank (scale 1, as the official code)
     dropout: float = 0.0
     k: int = 16  # OPLoRA: number of top singular directions of W0 kept orthogonal
-    damping: float = 1e-6  # CorDA: relative damping of the covariance inverse
+    damping: float = 0.01  # CorDA: starting damping of C (times mean diag), doubled until stable (as PEFT)
     seed: int = 0
 
 
@@ -49,7 +49,7 @@ class MethodConfig:
 class CalibrationConfig:
     """Calibration text for activation statistics (``calibration.samples`` x ``calibration.seqlen`` tokens)."""
 
-    dataset: str = "asset:nq_open/dev"
+    dataset: str = "nq_open"  # hub train split when online, offline dev split otherwise
     field: str = "question"
     samples: int = 256
     seqlen: int = 1024

@@ -8,6 +8,7 @@ original model's outputs.
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -49,6 +50,8 @@ def run(cfg: dict[str, Any], out_dir: Path, calibration_dir: Optional[Path]) -> 
     for name, lin in linears.items():
         if method.init is not None and rank > min(lin.weight.shape):
             raise ConfigError(f"method.rank={rank} exceeds min(d_out, d_in)={min(lin.weight.shape)} of {name}")
+        if method.check_shape is not None:
+            method.check_shape(tuple(lin.weight.shape), _Opts(meth_cfg))
     covs: dict[str, torch.Tensor] = {}
     if method.needs_calibration:
         if calibration_dir is None or not (calibration_dir / "stats.safetensors").exists():
@@ -67,10 +70,19 @@ def run(cfg: dict[str, Any], out_dir: Path, calibration_dir: Optional[Path]) -> 
     from peft import LoraConfig, get_peft_model
 
     scale = lora_scale(meth_cfg)
+    if method.write_extras is not None:  # computed from the original weights, before residuals replace them
+        extras_dir = out_dir / "adapter"
+        extras_dir.mkdir(parents=True, exist_ok=True)
+        method.write_extras(linears, meth_cfg, extras_dir)
     inits = {}
     for name, lin in tqdm(linears.items(), desc=f"init {method.name}", unit="layer", disable=not cfg["progress"]):
         W0 = lin.weight.detach().float()
-        res = method.init(W0, covs.get(name), rank, scale, _Opts(meth_cfg))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = method.init(W0, covs.get(name), rank, scale, _Opts(meth_cfg))
+        for w in caught:  # re-issue with the module's name: the method function does not know it
+            warnings.warn(f"{name}: {w.message}", w.category, stacklevel=2)
+            report.setdefault("warnings", []).append(f"{name}: {w.message}")
         err = (res.residual + scale * res.B @ res.A - W0).norm() / W0.norm().clamp_min(1e-30)
         report["modules"][name] = {"shape": list(W0.shape), "reconstruction_rel_err": float(err)}
         inits[name] = res

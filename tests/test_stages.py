@@ -114,3 +114,42 @@ def test_analyze_writes_effective_ranks_for_weights_and_activations(finished_tin
     rows = list(csv.DictReader(path.open()))
     assert {r["matrix"] for r in rows} == {"weight", "activation"} and len(rows) == 28
     assert all(0 < float(r["effective_rank"]) <= 128 for r in rows)
+
+
+def test_rank_deficient_covariance_warns_naming_the_module(tiny_cfg, tmp_path):
+    from lnull import calibrate, initialize
+
+    cfg = tiny_cfg("method.name=lora_null_v1", "calibration.samples=1", "calibration.seqlen=8")
+    (tmp_path / "cal").mkdir()
+    (tmp_path / "init").mkdir()
+    calibrate.run(cfg, tmp_path / "cal")  # 8 tokens: C has rank <= 8 of d_in = 64
+    with pytest.warns(UserWarning, match=r"model\.layers\.0\.self_attn\.q_proj: covariance has \d+ near-zero"):
+        initialize.run(cfg, tmp_path / "init", tmp_path / "cal")
+    report = json.loads((tmp_path / "init" / "report.json").read_text())
+    assert any(w.startswith("model.layers.1.mlp.down_proj: ") for w in report["warnings"])
+    assert report["max_reconstruction_rel_err"] < 1e-6
+
+
+def test_nq_open_calibration_uses_offline_dev_split_and_says_so(tiny_cfg, tmp_path, monkeypatch):
+    from lnull import calibrate
+
+    cache = tmp_path / "cache"
+    (cache / "data" / "nq_open").mkdir(parents=True)
+    rows = [{"question": f"who wrote the book number {i}", "answer": ["x"]} for i in range(200)]
+    (cache / "data" / "nq_open" / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = tiny_cfg("calibration.dataset=nq_open", f"cache_dir={cache}")
+    calibrate.run(cfg, tmp_path)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["source"] == "asset:nq_open/dev" and meta["records"] == 200
+
+
+def test_init_checks_every_layer_before_any_work(tiny_cfg, tmp_path):
+    from lnull import initialize
+    from lnull.config import ConfigError
+
+    with pytest.raises(ConfigError, match="method.rank=65 exceeds min"):
+        initialize.run(tiny_cfg("method.rank=65"), tmp_path, None)
+    with pytest.raises(ConfigError, match="needs calibration stats"):
+        initialize.run(tiny_cfg("method.name=lora_null_v2"), tmp_path, None)
+    assert not (tmp_path / "base").exists()

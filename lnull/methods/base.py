@@ -36,6 +36,11 @@ class Method:
     needs_calibration: bool = False
     frozen: list[str] = field(default_factory=list)  # adapter parts kept frozen in training, e.g. ["lora_A"]
     description: str = ""
+    # Optional (shape (d_out, d_in), cfg) -> None raising ConfigError; run on every layer before any work.
+    check_shape: Optional[Callable[[tuple[int, int], Any], None]] = None
+    # Optional (linears {name: nn.Linear} of the ORIGINAL model, method cfg dict, adapter dir) -> None:
+    # extra files a method needs next to its PEFT adapter (e.g. OPLoRA's frozen projections).
+    write_extras: Optional[Callable[[dict, dict, Any], None]] = None
 
 
 REGISTRY: dict[str, Method] = {}
