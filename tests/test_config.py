@@ -58,3 +58,18 @@ def test_fingerprints_chain_so_a_change_invalidates_later_stages_only():
     b = stage_fingerprints(compose(["+experiment=tiny", "train.lr=0.1"]))
     assert a["calibrate"] == b["calibrate"] and a["init"] == b["init"]
     assert a["train"] != b["train"] and a["evaluate"] != b["evaluate"]
+
+
+METHOD_CONFIGS = sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml"))
+
+
+def test_every_registered_method_has_a_config_and_vice_versa():
+    from lnull.methods import REGISTRY
+
+    assert set(METHOD_CONFIGS) == set(REGISTRY)
+
+
+@pytest.mark.parametrize("name", METHOD_CONFIGS)
+def test_every_method_config_composes(name):
+    cfg = compose(["+experiment=tiny", f"method={name}"])
+    assert cfg["method"]["name"] == name
