@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from lnull.config import ConfigError
-from lnull.methods import REGISTRY
-from lnull.modeling import load_model, load_tokenizer, resolve_model, target_linears
+from lnull.methods import REGISTRY, LayerInit
+from lnull.modeling import load_model, load_tokenizer, pick_device, resolve_model, target_linears
 from lnull.runs import atomic_write_json
 
 METHOD_FILE = "lnull_method.json"
@@ -70,23 +70,28 @@ def run(cfg: dict[str, Any], out_dir: Path, calibration_dir: Optional[Path]) -> 
     from peft import LoraConfig, get_peft_model
 
     scale = lora_scale(meth_cfg)
+    device = pick_device(cfg["device"])
     if method.write_extras is not None:  # computed from the original weights, before residuals replace them
         extras_dir = out_dir / "adapter"
         extras_dir.mkdir(parents=True, exist_ok=True)
         method.write_extras(linears, meth_cfg, extras_dir)
     inits = {}
     for name, lin in tqdm(linears.items(), desc=f"init {method.name}", unit="layer", disable=not cfg["progress"]):
-        W0 = lin.weight.detach().float()
+        # The model stays on the CPU (it is saved from there); each layer's maths runs on `device`.
+        W0 = lin.weight.detach().to(device, torch.float32)
+        cov = covs[name].to(device) if name in covs else None
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            res = method.init(W0, covs.get(name), rank, scale, _Opts(meth_cfg))
+            res = method.init(W0, cov, rank, scale, _Opts(meth_cfg))
+        res = LayerInit(A=res.A.cpu(), B=res.B.cpu(), residual=res.residual.cpu())
+        W0 = W0.cpu()
         for w in caught:  # re-issue with the module's name: the method function does not know it
             warnings.warn(f"{name}: {w.message}", w.category, stacklevel=2)
             report.setdefault("warnings", []).append(f"{name}: {w.message}")
         err = (res.residual + scale * res.B @ res.A - W0).norm() / W0.norm().clamp_min(1e-30)
         report["modules"][name] = {"shape": list(W0.shape), "reconstruction_rel_err": float(err)}
-        inits[name] = res
         lin.weight.data.copy_(res.residual.to(lin.weight.dtype))
+        inits[name] = (res.A, res.B)  # the residual now lives in the model; keeping it would double memory
     model.save_pretrained(out_dir / "base")
     tokenizer.save_pretrained(out_dir / "base")
 
@@ -94,10 +99,10 @@ def run(cfg: dict[str, Any], out_dir: Path, calibration_dir: Optional[Path]) -> 
                       lora_dropout=meth_cfg["dropout"], target_modules=list(mcfg["target_modules"]),
                       init_lora_weights=False, task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, lcfg)
-    for name, res in inits.items():
+    for name, (A, B) in inits.items():
         layer = peft_model.base_model.model.get_submodule(name)
-        layer.lora_A["default"].weight.data.copy_(res.A)
-        layer.lora_B["default"].weight.data.copy_(res.B)
+        layer.lora_A["default"].weight.data.copy_(A)
+        layer.lora_B["default"].weight.data.copy_(B)
     peft_model.save_pretrained(out_dir / "adapter")
     atomic_write_json(out_dir / "adapter" / METHOD_FILE, {"method": method.name, "frozen": method.frozen,
                                                           "rank": rank, "scale": scale})
