@@ -57,8 +57,12 @@ def load_trainable(init_dir: Path, dtype: str, device: torch.device) -> tuple[An
         return model, {"method": "full", "frozen": []}
     from peft import PeftModel
 
+    from lnull.methods.oplora import PROJECTIONS_FILE, attach_projections
+
     info = json.loads((adapter / METHOD_FILE).read_text())
     model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+    if (adapter / PROJECTIONS_FILE).exists():  # OPLoRA: train through its frozen projections
+        attach_projections(model, adapter)
     # PEFT re-enables grads on every LoRA part in from_pretrained(is_trainable): freeze after it.
     for name, param in model.named_parameters():
         if any(f".{part}." in name for part in info["frozen"]):
@@ -110,6 +114,10 @@ def run(cfg: dict[str, Any], out_dir: Path, init_dir: Path) -> dict[str, Any]:
             bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
     with open(out_dir / "metrics.jsonl", "w") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in log)
+    from lnull.methods.oplora import PROJECTIONS_FILE, bake_projections
+
+    if (init_dir / "adapter" / PROJECTIONS_FILE).exists():  # saved adapter = plain PEFT LoRA P_U B A P_V
+        bake_projections(model, init_dir / "adapter")
     model.save_pretrained(out_dir / ("adapter" if info["method"] != "full" else "model"))
     if info["method"] == "full":
         tokenizer.save_pretrained(out_dir / "model")

@@ -1,0 +1,47 @@
+"""Random LLaMA with a real model's layer shapes (few layers), for timing calibration/init at paper scale
+without downloading weights.
+
+    python benchmarks/shaped_model.py --preset llama2-7b --layers 2 --out /tmp/llama2-7b-2l
+
+The folder gets the tiny offline tokenizer (ids < 512 are valid in any of these vocabularies), so
+`model.name_or_path=<folder>` works with every stage. Timings depend on shapes, not on weight values.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lnull.tiny import build_tokenizer
+
+PRESETS = {  # hidden, intermediate, heads, kv heads, vocab
+    "llama2-7b": (4096, 11008, 32, 32, 32000),
+    "llama3.2-3b": (3072, 8192, 24, 8, 128256),
+    "smollm2-135m": (576, 1536, 9, 3, 49152),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="llama2-7b")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    hidden, inter, heads, kv, vocab = PRESETS[args.preset]
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=args.layers,
+                         num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(getattr(torch, args.dtype))
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    print(f"{args.preset} x {args.layers} layers: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
