@@ -3,7 +3,7 @@
 KPM (knowledge-preserved) keeps the r smallest singular triples of W0 C, IPM (instruction-previewed) the r
 largest. Damping follows PEFT: C_fix = C + damp * mean(diag C) * I, with damp doubled until
 ||C_fix C_fix^-1 - I||_F < 0.05. PEFT starts at damp = 0.01 (hard-coded); here the start is
-``cfg.damping`` (set ``method.damping=0.01`` for PEFT's exact behaviour). The result is invariant to a
+``cfg.damping`` (default 0.01, PEFT's exact behaviour). The result is invariant to a
 global scale of C, so sum x x^T (lnull) and PEFT's per-sample-normalised mean give the same init only
 when the per-sample normalisation is uniform; PEFT's own hook divides each sample by max(x).abs().
 PEFT works in fp32; this runs in fp64 with deterministic singular-vector signs.
@@ -26,7 +26,7 @@ def damped_inverse(C: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Te
     mean_diag = torch.diagonal(C).mean()
     if not torch.isfinite(C).all() or mean_diag <= 0:
         raise ValueError("CorDA needs a finite, non-zero covariance")
-    eye = torch.eye(C.shape[0], dtype=torch.float64)
+    eye = torch.eye(C.shape[0], dtype=torch.float64, device=C.device)
     for _ in range(64):  # PEFT loops unbounded; 2^64 x damp is far past any useful damping
         fixed = C + eye * mean_diag * damp
         inv = torch.linalg.inv(fixed)
