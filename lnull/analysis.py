@@ -1,18 +1,31 @@
-"""Stage `analyze`: effective rank (Roy & Vetterli) of W0 and of the calibration activations X.
+"""Stage `analyze`: the papers' diagnostics of one run, written to ``<run>/analysis/`` (CSV + PNG).
 
-The effective rank of X comes from C = X^T X without X: the singular values of X are sqrt(eig(C)).
+Parts (each runs only when its inputs exist; a skipped part is listed in ``summary.json`` with the reason):
+
+- ``effective_rank``  (calibration): eRank (Roy & Vetterli; LoRA-Null Table 2) of W0 and of X per module.
+- ``spectra``         (calibration): singular values of X (sqrt of eig(C), fp64) and of W0 (Fig. 2).
+- ``projection_profile`` (calibration + init adapter): components of A on the eigenvectors of C (Fig. 4).
+- ``table1``          (calibration + init adapter): measured AAAI Table 1 -- residual change and how much
+                      of A lies in the principal eigen-space of C.
+- ``relative_change`` (init + train adapters): ||A*-A0||/||A0||, ||B*-B0||/||B0|| (Fig. 1); for OPLoRA
+                      of the effective factors A P_V and P_U B.
+- ``rho_k``           (init + train): OPLoRA's subspace interference of the trained update.
+
+C = X^T X with X [tokens, d_in] as stored by calibration; its eigenvectors are the left singular vectors
+of the paper's X_pre [d_in, tokens], and sqrt(eig(C)) its singular values. Everything is fp64.
 """
 from __future__ import annotations
 
 import csv
 import io
+import json
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-from lnull.config import ConfigError
-from lnull.runs import RunFolder, atomic_write_text
+from lnull.runs import RunFolder, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 
 def effective_rank(singular_values: torch.Tensor) -> float:
@@ -24,26 +37,279 @@ def effective_rank(singular_values: torch.Tensor) -> float:
 
 
 def activation_singular_values(cov: torch.Tensor) -> torch.Tensor:
-    """Singular values of X from C = X^T X (fp64 eigh; tiny negative eigenvalues clipped)."""
+    """Singular values of X [d_in] descending from C = X^T X [d_in, d_in] (fp64 eigh; negatives clipped)."""
     return torch.linalg.eigvalsh(cov.double()).clamp_min(0).sqrt().flip(0)
 
 
+def eigenbasis_desc(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eigenvalues [d_in] DESCENDING, eigenvectors U [d_in, d_in] as columns) of C, fp64. Uses the same
+    ``eigh64`` as LoRA-Null, so U[:, -r:] is exactly the U_null that method used."""
+    from lnull.methods.linalg import eigh64
+
+    vals, vecs = eigh64(cov)
+    return vals.flip(0), vecs.flip(1)
+
+
+def projection_profile(A: torch.Tensor, U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Components of A [r, d_in] on the columns u_i of U [d_in, d_in] (descending eigenvalue order).
+
+    Returns ``(pa [d_in], energy [d_in])`` with P = A U [r, d_in]:
+    - pa_i = sum_j |P_ji| -- the paper's definition (LoRA-Null Eq. 12-13), unnormalised;
+    - energy_i = ||A u_i||^2 / ||A||_F^2 = sum_j P_ji^2 / ||P||_F^2 -- the share of A's energy along u_i;
+      it sums to 1 (U orthonormal), so cumulative curves are comparable across methods and scales."""
+    P = A.double() @ U.double()
+    energy = P.pow(2).sum(0)
+    return P.abs().sum(0), energy / energy.sum().clamp_min(1e-300)
+
+
+def relative_change(new: torch.Tensor, old: torch.Tensor) -> tuple[float, bool]:
+    """(||new - old||_F / ||old||_F, True), or (||new - old||_F, False) when ||old|| == 0 (e.g. LoRA's B0)."""
+    diff = float((new.double() - old.double()).norm())
+    base = float(old.double().norm())
+    return (diff / base, True) if base > 0 else (diff, False)
+
+
+def _rho_k(W0: torch.Tensor, W_eff: torch.Tensor, k: int) -> float:
+    """OPLoRA Eq. 5: rho_k = ||U_k U_k^T dW||_F^2 / ||dW||_F^2 with dW = W_eff - W0 [d_out, d_in] and
+    U_k [d_out, k] the top-k left singular vectors of W0. In [0, 1]; defined as 0 when dW = 0.
+    Fallback for when ``lnull.methods.oplora.rho_k`` (same definition, preferred) is absent."""
+    dW = W_eff.double() - W0.double()
+    total = dW.pow(2).sum()
+    if float(total) == 0.0:
+        return 0.0
+    U = torch.linalg.svd(W0.double(), full_matrices=False)[0][:, :k]
+    return float((U.T @ dW).pow(2).sum() / total)
+
+
+try:  # the OPLoRA method file owns the metric (same definition as ``_rho_k``)
+    from lnull.methods.oplora import rho_k
+except ImportError:
+    rho_k = _rho_k
+
+
+# ---------------------------------------------------------------- writing helpers
+
+def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows([[f"{v:.10g}" if isinstance(v, float) else v for v in row] for row in rows])
+    atomic_write_text(path, buf.getvalue())
+    return path
+
+
+def _save_png(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def _figure(ncols: int = 1, width: float = 7.0):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, ncols, figsize=(width * ncols, 4.2), squeeze=False)
+
+
+def _short(module: str) -> str:
+    """'model.layers.3.self_attn.k_proj' -> '3.k_proj'."""
+    m = re.search(r"layers\.(\d+)\..*?([^.]+)$", module)
+    return f"{m.group(1)}.{m.group(2)}" if m else module
+
+
+def _plotted(modules: list[str]) -> list[str]:
+    """Modules drawn as curves: those of the first layer (one line per module type), else all."""
+    first = [m for m in modules if re.search(r"layers\.0\.", m)]
+    return first or modules
+
+
+def _oplora_projector(init_adapter: Path) -> Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """{module: (U_k [d_out, k], V_k [d_in, k])} when the init adapter is an OPLoRA one, else None. Its
+    update is P_U (B A) P_V; applying the projectors again to a baked adapter changes nothing."""
+    from safetensors.torch import load_file
+
+    path = init_adapter / "oplora_projections.safetensors"
+    if not path.exists():
+        return None
+    t = load_file(str(path))
+    return {k[: -len(".U_k")]: (v.double(), t[k[: -len(".U_k")] + ".V_k"].double())
+            for k, v in t.items() if k.endswith(".U_k")}
+
+
+def _adapter(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
+    """({module: A [r, d_in]}, {module: B [d_out, r]}, scale s = lora_alpha / r) of a PEFT adapter folder."""
+    from safetensors.torch import load_file
+
+    conf = json.loads((folder / "adapter_config.json").read_text())
+    A, B = {}, {}
+    for key, t in load_file(str(folder / "adapter_model.safetensors")).items():
+        m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight", key)
+        if m:
+            (A if m.group(2) == "A" else B)[m.group(1)] = t.double()
+    return A, B, float(conf["lora_alpha"]) / float(conf["r"])
+
+
+# ---------------------------------------------------------------- the stage
+
 def run_analysis(cfg: dict[str, Any]) -> list[Path]:
-    """Write ``<run>/analysis/effective_rank.csv`` (module, matrix, effective_rank)."""
+    """Write the analysis of the config's run into ``<run>/analysis/``; return the written paths
+    (``summary.json`` last: per part ``done`` with its files or ``skipped`` with the reason)."""
+    from safetensors.torch import load_file
+
     from lnull.initialize import load_covariances
     from lnull.modeling import load_model, resolve_model, target_linears
 
     run = RunFolder.for_config(cfg)
-    if not run.is_complete("calibrate"):
-        raise ConfigError("`lnull analyze` needs the calibrate stage: run `lnull calibrate` with the same config")
-    covs = load_covariances(run.stage_dir("calibrate"))
+    out = run.path / "analysis"
     model = load_model(resolve_model(cfg["model"]["name_or_path"], cfg.get("cache_dir")), "float32")
-    rows = [["module", "matrix", "effective_rank"]]
-    for name, lin in target_linears(model, cfg["model"]["target_modules"]).items():
-        rows.append([name, "weight", f"{effective_rank(torch.linalg.svdvals(lin.weight.detach().double())):.2f}"])
-        rows.append([name, "activation", f"{effective_rank(activation_singular_values(covs[name])):.2f}"])
-    buf = io.StringIO()
-    csv.writer(buf).writerows(rows)
-    path = run.path / "analysis" / "effective_rank.csv"
-    atomic_write_text(path, buf.getvalue())
-    return [path]
+    W0 = {n: lin.weight.detach().double() for n, lin in target_linears(model, cfg["model"]["target_modules"]).items()}
+    modules = list(W0)
+    shown = _plotted(modules)
+    parts: dict[str, dict[str, Any]] = {}
+    written: list[Path] = []
+
+    def done(part: str, *paths: Path, **extra: Any) -> None:
+        written.extend(paths)
+        parts[part] = {"status": "done", "files": [p.name for p in paths], **extra}
+
+    def skip(part: str, reason: str) -> None:
+        parts[part] = {"status": "skipped", "reason": reason}
+        for stale in out.glob(f"{part}.*"):  # from an earlier analysis of this folder
+            stale.unlink()
+
+    has_cal = run.is_complete("calibrate")
+    has_init, has_train = run.is_complete("init"), run.is_complete("train")
+    init_adapter = run.stage_dir("init") / "adapter"
+    train_adapter = run.stage_dir("train") / "adapter"
+    no_cal = "calibrate stage not complete for this config (run `lnull calibrate`)"
+    no_adapter = "no adapter: the method has none (full fine-tuning)"
+
+    # ---- effective rank + spectra (Table 2, Fig. 2)
+    svals_W = {n: torch.linalg.svdvals(w) for n, w in W0.items()}
+    covs = load_covariances(run.stage_dir("calibrate")) if has_cal else {}
+    svals_X = {n: activation_singular_values(c) for n, c in covs.items()}
+    if has_cal:
+        er = [[n, kind, effective_rank(s[n])] for n in modules for kind, s in (("weight", svals_W), ("activation", svals_X))]
+        fig, axes = _figure(width=max(7.0, 0.35 * len(modules)))
+        x = torch.arange(len(modules)).tolist()
+        for off, kind in ((-0.2, "weight"), (0.2, "activation")):
+            axes[0, 0].bar([i + off for i in x], [r[2] for r in er if r[1] == kind], width=0.4, label=kind)
+        axes[0, 0].set_xticks(x, [_short(n) for n in modules], rotation=90, fontsize=7)
+        axes[0, 0].set(ylabel="effective rank", title="Effective rank of W0 and X per module")
+        axes[0, 0].legend()
+        done("effective_rank", _write_csv(out / "effective_rank.csv", ["module", "matrix", "effective_rank"], er),
+             _save_png(fig, out / "effective_rank.png"))
+
+        spec = [[n, kind, i, float(v)] for n in modules for kind, s in (("weight", svals_W), ("activation", svals_X))
+                for i, v in enumerate(s[n].tolist())]
+        fig, axes = _figure(2)
+        for ax, kind, s in ((axes[0, 0], "activation", svals_X), (axes[0, 1], "weight", svals_W)):
+            for n in shown:
+                ax.plot(s[n].clamp_min(1e-30).tolist(), label=_short(n))
+            ax.set(yscale="log", xlabel="index i", ylabel="singular value",
+                   title=f"{'X (sqrt eig C)' if kind == 'activation' else 'W0'}")
+            ax.legend(fontsize=7)
+        done("spectra", _write_csv(out / "spectra.csv", ["module", "matrix", "index", "value"], spec),
+             _save_png(fig, out / "spectra.png"), plotted=shown)
+    else:
+        skip("effective_rank", no_cal)
+        skip("spectra", no_cal)
+
+    # ---- adapter-based parts need init/adapter
+    A0 = B0 = None
+    if has_init and init_adapter.exists():
+        A0, B0, scale = _adapter(init_adapter)
+
+    # ---- projection profile (Fig. 4) and Table 1
+    if A0 is None:
+        reason = no_adapter if has_init else "init stage not complete for this config (run `lnull init`)"
+        for part in ("projection_profile", "table1"):
+            skip(part, reason)
+    elif not has_cal:
+        for part in ("projection_profile", "table1"):
+            skip(part, no_cal)
+    else:
+        W_res = load_file(str(run.stage_dir("init") / "base" / "model.safetensors"))
+        prof, table, curves = [], [], {}
+        for n in modules:
+            _, U = eigenbasis_desc(covs[n])
+            pa, energy = projection_profile(A0[n], U)
+            prof += [[n, i, float(p), float(e)] for i, (p, e) in enumerate(zip(pa.tolist(), energy.tolist()))]
+            curves[n] = energy.cumsum(0)
+            r, d_in = A0[n].shape
+            m = max(1, min(round(effective_rank(svals_X[n])), d_in - r))
+            res_change = float((W_res[f"{n}.weight"].double() - W0[n]).norm() / W0[n].norm())
+            table.append([n, res_change, m, float(energy[:m].sum()), float(energy[-r:].sum())])
+        table.append(["mean", *[sum(row[c] for row in table) / len(table) for c in (1, 2, 3, 4)]])
+        fig, axes = _figure()
+        for n in shown:
+            axes[0, 0].plot(range(1, len(curves[n]) + 1), curves[n].tolist(), label=_short(n))
+        axes[0, 0].set(xlabel="i (eigenvectors of C, descending eigenvalue)", ylabel="cumulative energy of A",
+                       title=f"Projection of A onto eigenvectors of C ({cfg['method']['name']})", ylim=(-0.02, 1.02))
+        axes[0, 0].legend(fontsize=7)
+        done("projection_profile",
+             _write_csv(out / "projection_profile.csv", ["module", "i", "pa_i", "energy_i"], prof),
+             _save_png(fig, out / "projection_profile.png"),
+             note="i sorted by descending eigenvalue of C; pa_i = sum_j |(A U)_ji| (paper Eq. 13); "
+                  "energy_i = ||A u_i||^2/||A||_F^2 (sums to 1 per module)")
+        done("table1", _write_csv(out / "table1.csv", ["module", "residual_rel_change", "m", "A_energy_top_m",
+                                                       "A_energy_bottom_r"], table),
+             note="residual_rel_change = ||W_res - W0||_F/||W0||_F; A_energy_top_m = share of ||A||_F^2 in the "
+                  "top-m eigen-space of C, m = min(round(eRank(X)), d_in - r); A_energy_bottom_r: in U_null")
+
+    # ---- relative change (Fig. 1) and rho_k need the trained model
+    if not has_train:
+        for part in ("relative_change", "rho_k"):
+            skip(part, "train stage not complete for this config (run `lnull train`)")
+        atomic_write_json(out / "summary.json", {"method": cfg["method"]["name"], "parts": parts})
+        return written + [out / "summary.json"]
+    k = int(cfg["method"]["k"])
+    if A0 is not None and train_adapter.exists():
+        A1, B1, _ = _adapter(train_adapter)
+        proj = _oplora_projector(init_adapter)
+        rel, rk = [], []
+        for n in modules:
+            if proj is not None:  # OPLoRA: effective factors A P_V, P_U B (idempotent on a baked adapter)
+                U_k, V_k = proj[n]
+                for A in (A0, A1):
+                    A[n] = A[n] - (A[n] @ V_k) @ V_k.T
+                for B in (B0, B1):
+                    B[n] = B[n] - U_k @ (U_k.T @ B[n])
+            for name, new, old in (("A", A1[n], A0[n]), ("B", B1[n], B0[n])):
+                value, relative = relative_change(new, old)
+                rel.append([n, name, value, "relative" if relative else "absolute (||M0|| = 0)"])
+            delta = scale * (B1[n] @ A1[n] - B0[n] @ A0[n])
+            rk.append([n, min(k, min(W0[n].shape)), rho_k(W0[n], W0[n] + delta, min(k, min(W0[n].shape))),
+                       float(delta.norm())])
+        fig, axes = _figure(width=max(7.0, 0.35 * len(modules)))
+        x = list(range(len(modules)))
+        for off, name in ((-0.2, "A"), (0.2, "B")):
+            axes[0, 0].bar([i + off for i in x], [r[2] for r in rel if r[1] == name], width=0.4,
+                           label=f"||{name}*-{name}0||/||{name}0||" if all(r[3] == "relative" for r in rel
+                                                                          if r[1] == name) else f"{name} (absolute)")
+        axes[0, 0].set_xticks(x, [_short(n) for n in modules], rotation=90, fontsize=7)
+        axes[0, 0].set(ylabel="change", title=f"Change of the adapter in training ({cfg['method']['name']})")
+        axes[0, 0].legend()
+        done("relative_change", _write_csv(out / "relative_change.csv", ["module", "matrix", "value", "kind"], rel),
+             _save_png(fig, out / "relative_change.png"))
+    else:
+        skip("relative_change", no_adapter)
+        trained = load_file(str(run.stage_dir("train") / "model" / "model.safetensors"))
+        rk = []
+        for n in modules:
+            kk = min(k, min(W0[n].shape))
+            W1 = trained[f"{n}.weight"].double()
+            rk.append([n, kk, rho_k(W0[n], W1, kk), float((W1 - W0[n]).norm())])
+    rk.append(["mean", k, sum(r[2] for r in rk) / len(rk), sum(r[3] for r in rk) / len(rk)])
+    done("rho_k", _write_csv(out / "rho_k.csv", ["module", "k", "rho_k", "delta_norm"], rk),
+         note="rho_k = ||U_k U_k^T dW||_F^2/||dW||_F^2, U_k top-k left singular vectors of W0 (OPLoRA Eq. 5); "
+              "dW = s(B*A* - B0A0) (OPLoRA: of P_U B, A P_V), or W_trained - W0 for full fine-tuning")
+    atomic_write_json(out / "summary.json", {"method": cfg["method"]["name"], "parts": parts})
+    return written + [out / "summary.json"]

@@ -110,7 +110,7 @@ def test_analyze_writes_effective_ranks_for_weights_and_activations(finished_tin
 
     from lnull.analysis import run_analysis
 
-    [path] = run_analysis(finished_tiny_run)
+    [path] = [p for p in run_analysis(finished_tiny_run) if p.name == "effective_rank.csv"]
     rows = list(csv.DictReader(path.open()))
     assert {r["matrix"] for r in rows} == {"weight", "activation"} and len(rows) == 28
     assert all(0 < float(r["effective_rank"]) <= 128 for r in rows)
