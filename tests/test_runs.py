@@ -111,3 +111,11 @@ def test_evaluating_only_the_base_model_needs_no_earlier_stage(tiny_cfg):
     results = json.loads((run.path / "eval" / "results.json").read_text())["results"]
     assert [(r["model"], r["n"]) for r in results] == [("base", 4)]
     assert not (run.path / "init").exists()
+
+
+def test_atomic_write_gives_ordinary_file_permissions(tmp_path):
+    target = tmp_path / "y.json"
+    atomic_write_json(target, {"a": 1})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
