@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 import torch
 
+from lnull.methods.oplora import PROJECTIONS_FILE, load_projections, rho_k
 from lnull.runs import RunFolder, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 
@@ -67,24 +68,6 @@ def relative_change(new: torch.Tensor, old: torch.Tensor) -> tuple[float, bool]:
     diff = float((new.double() - old.double()).norm())
     base = float(old.double().norm())
     return (diff / base, True) if base > 0 else (diff, False)
-
-
-def _rho_k(W0: torch.Tensor, W_eff: torch.Tensor, k: int) -> float:
-    """OPLoRA Eq. 5: rho_k = ||U_k U_k^T dW||_F^2 / ||dW||_F^2 with dW = W_eff - W0 [d_out, d_in] and
-    U_k [d_out, k] the top-k left singular vectors of W0. In [0, 1]; defined as 0 when dW = 0.
-    Fallback for when ``lnull.methods.oplora.rho_k`` (same definition, preferred) is absent."""
-    dW = W_eff.double() - W0.double()
-    total = dW.pow(2).sum()
-    if float(total) == 0.0:
-        return 0.0
-    U = torch.linalg.svd(W0.double(), full_matrices=False)[0][:, :k]
-    return float((U.T @ dW).pow(2).sum() / total)
-
-
-try:  # the OPLoRA method file owns the metric (same definition as ``_rho_k``)
-    from lnull.methods.oplora import rho_k
-except ImportError:
-    rho_k = _rho_k
 
 
 # ---------------------------------------------------------------- writing helpers
@@ -131,16 +114,11 @@ def _plotted(modules: list[str]) -> list[str]:
 
 
 def _oplora_projector(init_adapter: Path) -> Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """{module: (U_k [d_out, k], V_k [d_in, k])} when the init adapter is an OPLoRA one, else None. Its
+    """{module: (U_k [d_out, k], V_k [d_in, k]) fp64} when the init adapter is an OPLoRA one, else None. Its
     update is P_U (B A) P_V; applying the projectors again to a baked adapter changes nothing."""
-    from safetensors.torch import load_file
-
-    path = init_adapter / "oplora_projections.safetensors"
-    if not path.exists():
+    if not (init_adapter / PROJECTIONS_FILE).exists():
         return None
-    t = load_file(str(path))
-    return {k[: -len(".U_k")]: (v.double(), t[k[: -len(".U_k")] + ".V_k"].double())
-            for k, v in t.items() if k.endswith(".U_k")}
+    return {n: (U.double(), V.double()) for n, (U, V) in load_projections(init_adapter).items()}
 
 
 def _adapter(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
