@@ -17,6 +17,7 @@ from lnull.config import ConfigError
 from lnull.data.prompts import IGNORE_INDEX, encode_example
 from lnull.data.sources import load_records, require_fields
 from lnull.initialize import METHOD_FILE
+from lnull.methods.oplora import PROJECTIONS_FILE, attach_projections, bake_projections
 from lnull.modeling import load_model, load_tokenizer, pick_device
 
 
@@ -56,8 +57,6 @@ def load_trainable(init_dir: Path, dtype: str, device: torch.device) -> tuple[An
         model.requires_grad_(True)
         return model, {"method": "full", "frozen": []}
     from peft import PeftModel
-
-    from lnull.methods.oplora import PROJECTIONS_FILE, attach_projections
 
     info = json.loads((adapter / METHOD_FILE).read_text())
     model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
@@ -114,8 +113,6 @@ def run(cfg: dict[str, Any], out_dir: Path, init_dir: Path) -> dict[str, Any]:
             bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
     with open(out_dir / "metrics.jsonl", "w") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in log)
-    from lnull.methods.oplora import PROJECTIONS_FILE, bake_projections
-
     if (init_dir / "adapter" / PROJECTIONS_FILE).exists():  # saved adapter = plain PEFT LoRA P_U B A P_V
         bake_projections(model, init_dir / "adapter")
     model.save_pretrained(out_dir / ("adapter" if info["method"] != "full" else "model"))
