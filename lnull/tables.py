@@ -26,6 +26,11 @@ def collect_results(run_dirs: list[Path]) -> list[dict[str, Any]]:
     return rows
 
 
+def fmt(value: float | None) -> str:
+    """Two decimals; a benchmark recorded as skipped (value None) shows as 'n/a', never as 0."""
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def pivot(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Rows = (experiment, method, rank, model), columns = benchmarks, cells = value (2 decimals)."""
     benches = sorted({r["benchmark"] for r in rows})
@@ -33,7 +38,7 @@ def pivot(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     for r in rows:
         table.setdefault((r["experiment"], r["method"], str(r["rank"]), r["model"]), {})[r["benchmark"]] = r["value"]
     header = ["experiment", "method", "rank", "model"] + benches
-    body = [list(key) + [f"{cells[b]:.2f}" if b in cells else "" for b in benches] for key, cells in sorted(table.items())]
+    body = [list(key) + [fmt(cells[b]) if b in cells else "" for b in benches] for key, cells in sorted(table.items())]
     return header, body
 
 

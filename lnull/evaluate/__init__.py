@@ -1,22 +1,38 @@
-"""Stage `evaluate`: score base / init / trained models of a run and write ``eval/results.json``."""
+"""Stage `evaluate`: score base / init / trained models of a run (or any HF model) and write
+``eval/results.json``.
+
+Each benchmark's record is written to ``eval.partial/<model>/<benchmark>.json`` as soon as it is done,
+so a killed evaluation resumes at the first benchmark without a record.  Scorers live one per module
+behind ``lnull.evaluate.registry``.
+"""
 from __future__ import annotations
 
+import json
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 from lnull.config import ConfigError
-from lnull.data.sources import load_records, require_fields
-from lnull.evaluate.generate import generate
-from lnull.evaluate.qa import answers_of, exact_match
+from lnull.evaluate.base import EvalContext
+from lnull.evaluate.registry import RUN_MODELS, scorer
 from lnull.modeling import load_model, load_tokenizer, pick_device, resolve_model
-
-KINDS = ("qa_exact_match",)
 
 
 def load_for_eval(cfg: dict[str, Any], run_dir: Path, which: str, device) -> tuple[Any, Any, str]:
-    """(model, tokenizer, identity) for ``which`` in base | init | trained."""
+    """(model, tokenizer, identity) for ``which``: base | init | trained, a model folder, a PEFT adapter
+    folder (loaded on its ``base_model_name_or_path``) or a hub name."""
     dtype = cfg["model"]["dtype"]
+    if which not in RUN_MODELS:
+        path = resolve_model(which, cfg.get("cache_dir"))
+        adapter_cfg = Path(path) / "adapter_config.json"
+        if adapter_cfg.exists():
+            from peft import PeftModel
+
+            base = json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
+            model = PeftModel.from_pretrained(load_model(base, dtype, device), path).eval()
+            return model, load_tokenizer(base), path
+        return load_model(path, dtype, device), load_tokenizer(path), path
     if which == "base":
         path = resolve_model(cfg["model"]["name_or_path"], cfg.get("cache_dir"))
         return load_model(path, dtype, device), load_tokenizer(path), path
@@ -33,21 +49,20 @@ def load_for_eval(cfg: dict[str, Any], run_dir: Path, which: str, device) -> tup
     return model, load_tokenizer(str(base)), str(adapter if adapter.exists() else base)
 
 
-def score_benchmark(name: str, bcfg: dict[str, Any], model: Any, tokenizer: Any, cfg: dict[str, Any]) -> dict:
-    """One benchmark's record: metric, value (%), n, settings."""
-    rows = load_records(bcfg["dataset"], cfg.get("cache_dir"), cfg["eval"]["limit"])
-    require_fields(rows, [bcfg["question_field"], bcfg["answer_field"]], bcfg["dataset"])
-    prompts = [bcfg["prompt"].format(question=r[bcfg["question_field"]]) for r in rows]
+def model_slug(which: str) -> str:
+    """Folder-safe name of an evaluated model (``base``, or a path/hub name flattened)."""
+    return which if which in RUN_MODELS else re.sub(r"[^A-Za-z0-9_.-]+", "_", which).strip("_")
+
+
+def score_one(name: str, bench: dict[str, Any], ctx: EvalContext) -> dict[str, Any]:
+    """Run one scorer and complete its record with the fields every record carries."""
     start = time.perf_counter()
-    preds = generate(model, tokenizer, prompts, bcfg["max_new_tokens"], ["\n", ".", ","], cfg["eval"]["batch_size"],
-                     cfg["model"]["add_bos"], cfg["progress"])
+    rec = scorer(bench["kind"])(name, bench, ctx)
     seconds = time.perf_counter() - start
-    hits = [exact_match(p, answers_of(r, bcfg["answer_field"])) for p, r in zip(preds, rows)]
-    return {"benchmark": name, "metric": "exact_match", "value": 100.0 * sum(hits) / len(hits), "n": len(hits),
-            "dataset": bcfg["dataset"], "items_per_s": len(hits) / seconds,
-            "settings": {"greedy": True, "max_new_tokens": bcfg["max_new_tokens"], "prompt": bcfg["prompt"],
-                         "add_bos": cfg["model"]["add_bos"], "engine": "hf-generate"},
-            "examples": [{"prompt": p, "prediction": x} for p, x in list(zip(prompts, preds))[:3]]}
+    n = rec.get("n") or 0
+    return {"model": ctx.which, "identity": ctx.identity, "benchmark": name, "kind": bench["kind"],
+            "seed": ctx.eval_cfg["seed"], "engine": ctx.eval_cfg["engine"], "seconds": round(seconds, 3),
+            "items_per_s": round(n / seconds, 3) if n and seconds > 0 else None, **rec}
 
 
 def run(cfg: dict[str, Any], out_dir: Path, run_dir: Path) -> dict[str, Any]:
@@ -55,17 +70,23 @@ def run(cfg: dict[str, Any], out_dir: Path, run_dir: Path) -> dict[str, Any]:
 
     benchmarks = cfg["eval"]["benchmarks"]
     if not benchmarks:
-        raise ConfigError("eval.benchmarks is empty; pick an eval= config")
-    for name, b in benchmarks.items():
-        if b["kind"] not in KINDS:
-            raise ConfigError(f"unknown benchmark kind '{b['kind']}' for {name}; known: {', '.join(KINDS)}")
+        raise ConfigError("eval.benchmarks is empty; pick an eval= config (e.g. eval=[knowledge,math])")
+    for bench in benchmarks.values():
+        scorer(bench["kind"])  # import errors and unknown kinds before any model is loaded
     device = pick_device(cfg["device"])
     records = []
     for which in cfg["eval"]["models"]:
-        model, tokenizer, identity = load_for_eval(cfg, run_dir, which, device)
-        for name, bcfg in benchmarks.items():
-            rec = score_benchmark(name, bcfg, model, tokenizer, cfg)
-            records.append({"model": which, "identity": identity, **rec})
+        model_dir = out_dir / model_slug(which)
+        pending = [n for n in benchmarks if not (model_dir / f"{n}.json").exists()]
+        loaded = load_for_eval(cfg, run_dir, which, device) if pending else (None, None, "")
+        for name, bench in benchmarks.items():
+            done = model_dir / f"{name}.json"
+            if not done.exists():
+                ctx = EvalContext(loaded[0], loaded[1], cfg, which, loaded[2], model_dir / f"{name}.work")
+                ctx.work_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(done, score_one(name, bench, ctx))
+            records.append(json.loads(done.read_text()))
     atomic_write_json(out_dir / "results.json", {"experiment": cfg["experiment"], "method": cfg["method"]["name"],
                                                  "rank": cfg["method"]["rank"], "results": records})
-    return {r["model"] + "/" + r["benchmark"]: round(r["value"], 2) for r in records}
+    return {r["model"] + "/" + r["benchmark"]: (round(r["value"], 2) if r["value"] is not None else None)
+            for r in records}

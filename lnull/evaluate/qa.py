@@ -1,5 +1,6 @@
-"""Open-domain QA exact match, normalised as lm-eval's nq_open/triviaqa tasks (case, punctuation,
-articles ignored).  Issue-level lm-eval integration replaces this for the paper's numbers."""
+"""Plain generative exact match over any records (``kind: qa_exact_match``), normalised as lm-eval's
+nq_open/triviaqa tasks (case, punctuation, articles ignored).  The papers' knowledge numbers come from
+the ``lm_eval`` kind; this one scores record sets lm-eval has no task for (e.g. synthetic facts)."""
 from __future__ import annotations
 
 import re
@@ -7,6 +8,8 @@ import string
 from typing import Any
 
 _ARTICLES = re.compile(r"\b(?:the|an|a)\b", re.IGNORECASE)
+DEFAULT_PROMPT = "Q: {question}?\nA:"
+STOP = ("\n", ".", ",")
 
 
 def normalize(text: str) -> str:
@@ -26,3 +29,17 @@ def answers_of(record: dict[str, Any], field: str) -> list[str]:
 def exact_match(prediction: str, golds: list[str]) -> bool:
     pred = normalize(prediction)
     return any(pred == normalize(g) for g in golds)
+
+
+def score(name: str, bench: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """Greedy exact match (%) of ``bench['prompt']`` completions against ``bench['answer_field']``."""
+    rows = ctx.records(bench, [bench["question_field"], bench["answer_field"]])
+    template = bench["prompt"] or DEFAULT_PROMPT
+    prompts = [template.format(question=r[bench["question_field"]]) for r in rows]
+    preds = ctx.generate(prompts, bench["max_new_tokens"], STOP, desc=name)
+    hits = [exact_match(p, answers_of(r, bench["answer_field"])) for p, r in zip(preds, rows)]
+    return {"metric": "exact_match", "value": 100.0 * sum(hits) / len(hits), "n": len(hits),
+            "settings": ctx.settings(greedy=True, max_new_tokens=bench["max_new_tokens"], prompt=template,
+                                     stop=list(STOP)),
+            "examples": [{"prompt": p, "prediction": x, "correct": h}
+                         for p, x, h in list(zip(prompts, preds, hits))[:3]]}

@@ -1,0 +1,69 @@
+"""The one registry of benchmark kinds: ``eval.benchmarks.<name>.kind`` -> scorer function.
+
+Scorers are imported lazily (``module:function``) so that, e.g., lm-eval is only imported when an
+``lm_eval`` benchmark is asked for.  Every scorer has the signature
+``score(name: str, bench: dict, ctx: EvalContext) -> dict`` (see ``lnull.evaluate.base``).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+from typing import Any, Callable
+
+from lnull.config import ConfigError
+
+KINDS = {
+    "lm_eval": "lnull.evaluate.harness:score",
+    "math": "lnull.evaluate.math:score",
+    "code": "lnull.evaluate.code:score",
+    "mtbench": "lnull.evaluate.mtbench:score",
+    "qa_exact_match": "lnull.evaluate.qa:score",
+}
+# Allowed ``task`` values per kind (None: any, checked by the scorer, e.g. lm-eval's task index).
+TASKS = {"math": ("gsm8k", "math"), "code": ("humaneval", "mbpp")}
+RUN_MODELS = ("base", "init", "trained")
+ENGINES = ("hf", "vllm")
+
+
+def scorer(kind: str) -> Callable[..., dict[str, Any]]:
+    if kind not in KINDS:
+        raise ConfigError(f"unknown benchmark kind '{kind}'; known: {', '.join(KINDS)}")
+    module, _, func = KINDS[kind].partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def check_eval_config(ev: Any) -> None:
+    """Raise ConfigError on the first bad value of an ``eval`` section (before any model is loaded)."""
+    for name, bench in ev.benchmarks.items():
+        if bench.kind not in KINDS:
+            raise ConfigError(f"unknown benchmark kind '{bench.kind}' for eval.benchmarks.{name}; "
+                              f"known: {', '.join(KINDS)}")
+        allowed = TASKS.get(bench.kind)
+        if allowed and (bench.task or name) not in allowed:
+            raise ConfigError(f"eval.benchmarks.{name}.task '{bench.task}' is not one of {', '.join(allowed)}")
+        if bench.kind in ("qa_exact_match", "math", "code", "mtbench") and not bench.dataset:
+            raise ConfigError(f"eval.benchmarks.{name}.dataset is not set")
+        if bench.kind == "lm_eval" and not bench.task:
+            raise ConfigError(f"eval.benchmarks.{name}.task (the lm-eval task name) is not set")
+        if bench.max_new_tokens < 1:
+            raise ConfigError(f"eval.benchmarks.{name}.max_new_tokens must be >= 1, got {bench.max_new_tokens}")
+    for model in ev.models:
+        if model not in RUN_MODELS and not Path(model).expanduser().exists() and "/" not in model:
+            raise ConfigError(f"eval.models entry '{model}' is not base, init, trained, an existing model "
+                              "folder or a hub name (org/name)")
+    if ev.limit is not None and ev.limit < 1:
+        raise ConfigError(f"eval.limit must be >= 1 or null, got {ev.limit}")
+    if ev.batch_size < 1:
+        raise ConfigError(f"eval.batch_size must be >= 1, got {ev.batch_size}")
+    if ev.engine not in ENGINES:
+        raise ConfigError(f"eval.engine must be one of {', '.join(ENGINES)}, got '{ev.engine}'")
+    if ev.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError("eval.engine=vllm but vllm is not installed (pip install vllm)")
+    if ev.code.backend not in ("builtin", "bigcode"):
+        raise ConfigError(f"eval.code.backend must be builtin or bigcode, got '{ev.code.backend}'")
+    if ev.code.backend == "bigcode" and not (ev.code.bigcode_path and Path(ev.code.bigcode_path).is_dir()):
+        raise ConfigError(f"eval.code.backend=bigcode needs eval.code.bigcode_path, a bigcode-evaluation-harness "
+                          f"checkout; got '{ev.code.bigcode_path}'")
+    if not 0.0 < ev.code.top_p <= 1.0:
+        raise ConfigError(f"eval.code.top_p must be in (0, 1], got {ev.code.top_p}")
