@@ -60,7 +60,11 @@ class CalibrationConfig:
 
 @dataclass
 class TaskConfig:
-    """Fine-tuning data: a source of (instruction, response) records."""
+    """Fine-tuning data: a source of (instruction, response) records.
+
+    Field names may be dotted paths with list indices for nested records, e.g. ShareGPT-style
+    ``conversations.0.value`` / ``conversations.1.value``.
+    """
 
     name: str = MISSING
     dataset: str = MISSING
@@ -72,19 +76,43 @@ class TaskConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation recipe; defaults follow the papers (DESIGN.md)."""
+    """Optimisation recipe; defaults follow the papers (DESIGN.md).
+
+    ``batch_size`` is the effective batch per optimizer step; the gradient accumulation is derived:
+    ``batch_size / (micro_batch_size x processes)``, which must be a whole number.
+    """
 
     lr: float = 2e-5
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     scheduler: str = "cosine"
+    batch_size: int = 128
     micro_batch_size: int = 1
-    grad_accum: int = 128
     epochs: float = 1.0
     max_steps: Optional[int] = None  # overrides epochs when set
     max_length: int = 512
+    max_grad_norm: Optional[float] = 1.0  # HF Trainer's default (the official code trains with it)
     seed: int = 42
-    log_every: int = 1
+    log_every: int = 1  # optimizer steps between loss/lr logs (each log is one host sync)
+    checkpoint_every: int = 50  # optimizer steps between resumable checkpoints; 0 = none
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | no | bf16 | fp16
+    group_by_length: bool = False  # sort each optimizer step's examples by length into micro-batches
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (when installed)
+    wandb: str = "disabled"  # disabled | offline | online (online needs a logged-in key; never prompts)
+    wandb_project: str = "lnull"
+
+
+@dataclass
+class AccelerateConfig:
+    """A multi-process launch: ``accelerate=<name>`` picks ``configs/accelerate/<name>.yaml``.
+
+    ``launch`` is an ``accelerate launch --config_file`` YAML as a mapping (num_processes, distributed_type,
+    deepspeed_config, ...); override single keys with e.g. ``accelerate.launch.num_processes=8``.
+    """
+
+    name: str = MISSING
+    launch: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -177,7 +205,7 @@ class LnullConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     table: TableConfig = field(default_factory=TableConfig)
-    accelerate: Optional[str] = None  # name of a config in configs/accelerate/, None = single process
+    accelerate: Optional[AccelerateConfig] = None  # None = single process in this process
     run: RunConfig = field(default_factory=RunConfig)
     cache_dir: Optional[str] = None  # offline asset cache; None = $LNULL_CACHE or ~/.cache/lnull
     device: str = "auto"  # auto | cpu | cuda
@@ -189,7 +217,8 @@ def register_schema() -> None:
     cs = ConfigStore.instance()
     cs.store(name="lnull_schema", node=LnullConfig)
     for group, node in (("model", ModelConfig), ("method", MethodConfig), ("calibration", CalibrationConfig),
-                        ("task", TaskConfig), ("train", TrainConfig), ("eval", EvalConfig), ("table", TableConfig)):
+                        ("task", TaskConfig), ("train", TrainConfig), ("eval", EvalConfig), ("table", TableConfig),
+                        ("accelerate", AccelerateConfig)):
         cs.store(group=group, name=f"{group}_schema", node=node)
 
 
@@ -219,8 +248,28 @@ def validate(cfg: DictConfig | LnullConfig) -> None:
     from lnull.evaluate.registry import check_eval_config
 
     check_eval_config(cfg.eval)
-    if cfg.train.micro_batch_size < 1 or cfg.train.grad_accum < 1:
-        raise ConfigError("train.micro_batch_size and train.grad_accum must be >= 1")
+    check_train_config(cfg)
+
+
+def check_train_config(cfg: DictConfig | LnullConfig) -> None:
+    """Training values that cannot work, including an effective batch the processes cannot split."""
+    t = cfg.train
+    for key in ("batch_size", "micro_batch_size", "max_length"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+    processes = int((cfg.accelerate.launch if cfg.accelerate else {}).get("num_processes", 1) or 1)
+    if t.batch_size % (t.micro_batch_size * processes):
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.micro_batch_size="
+                          f"{t.micro_batch_size} x {processes} process(es)")
+    choices = {"precision": ("auto", "no", "bf16", "fp16"), "wandb": ("disabled", "offline", "online"),
+               "attn_implementation": ("sdpa", "eager", "flash_attention_2")}
+    for key, allowed in choices.items():
+        if getattr(t, key) not in allowed:
+            raise ConfigError(f"train.{key} must be one of {', '.join(allowed)}, got '{getattr(t, key)}'")
+    if t.max_steps is not None and t.max_steps < 1:
+        raise ConfigError(f"train.max_steps must be >= 1 or null, got {t.max_steps}")
+    if t.checkpoint_every < 0:
+        raise ConfigError(f"train.checkpoint_every must be >= 0, got {t.checkpoint_every}")
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

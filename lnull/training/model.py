@@ -1,0 +1,89 @@
+"""The model being trained: loaded from ``init/`` with the method's freezing rule, wrapped for the loss."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lnull.config import ConfigError
+from lnull.data.prompts import IGNORE_INDEX
+from lnull.initialize import METHOD_FILE
+from lnull.methods.oplora import PROJECTIONS_FILE, attach_projections
+
+
+def load_trainable(init_dir: Path, dtype: str, attn_implementation: str = "sdpa") -> tuple[Any, dict[str, Any]]:
+    """Model from ``init/`` (on CPU) with the method's freezing rule applied; returns (model, method info).
+
+    Adapter methods: ``init/base`` + ``init/adapter`` through PEFT, base weights frozen, and the adapter parts
+    named in ``lnull_method.json`` (``frozen``, e.g. ``["lora_A"]`` for LoRA-Null v2 and LoRA-FA) frozen too;
+    OPLoRA's projections are hook closures, never parameters.  Full fine-tuning: every weight trains.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from lnull.modeling import DTYPES
+
+    model = AutoModelForCausalLM.from_pretrained(str(init_dir / "base"), dtype=DTYPES[dtype],
+                                                 attn_implementation=attn_implementation)
+    adapter = init_dir / "adapter"
+    if not adapter.exists():
+        model.requires_grad_(True)
+        return model, {"method": "full", "frozen": []}
+    from peft import PeftModel
+
+    info = json.loads((adapter / METHOD_FILE).read_text())
+    model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+    if (adapter / PROJECTIONS_FILE).exists():
+        attach_projections(model, adapter)
+    # PEFT re-enables grads on every LoRA part in from_pretrained(is_trainable): freeze after it.
+    for part in info["frozen"]:
+        matched = [p for n, p in model.named_parameters() if f".{part}." in n]
+        if not matched:
+            raise ConfigError(f"freezing rule '{part}' of {adapter / METHOD_FILE} matches no parameter")
+        for param in matched:
+            param.requires_grad_(False)
+    return model, info
+
+
+def assert_frozen(model: torch.nn.Module, info: dict[str, Any]) -> int:
+    """Raise ConfigError if a parameter the method keeps frozen would get gradients (PEFT and wrappers can
+    re-enable them); return the number of trainable parameters."""
+    adapter_method = info["method"] != "full"
+    trainable = 0
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if any(f".{part}." in name for part in info["frozen"]) or (adapter_method and "lora_" not in name):
+            raise ConfigError(f"frozen parameter {name} of method '{info['method']}' would get gradients")
+        trainable += getattr(param, "ds_numel", param.numel())  # ZeRO-3 shards report numel() 0
+    if trainable == 0:
+        raise ConfigError(f"method '{info['method']}' leaves no trainable parameter")
+    return trainable
+
+
+class ResponseLoss(torch.nn.Module):
+    """Causal-LM loss on response tokens only, applying the LM head only at those positions.
+
+    Same value as ``model(**batch).loss`` (mean cross-entropy over positions whose next-token label is not
+    IGNORE_INDEX), but the [b, t, vocab] logits of prompt and padding positions are never computed: with a
+    49k-152k vocabulary the head is a large share of a small model's step.  Accelerate wraps this module, so
+    DDP/DeepSpeed see one forward.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``input_ids``/``attention_mask``/``labels`` int64 [b, t] -> scalar loss (fp32)."""
+        lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = lm.get_output_embeddings()(hidden[:, :-1][keep]).float()  # [n_response_tokens, vocab]
+        cap = getattr(lm.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return F.cross_entropy(logits, targets[keep])
