@@ -1,0 +1,96 @@
+"""Optional vLLM generation engine (``eval.engine=vllm``; vLLM is not a dependency of lnull).
+
+vLLM loads a plain model folder (or hub name).  Which folder and which LoRA adapter, per ``ctx``:
+
+- ``base``, a model folder, ``trained`` with a full fine-tune (``train/model``): that folder, no LoRA.
+- ``init`` / ``trained`` of a run (``<run>/init/adapter``, ``<run>/train/adapter``): the run's residual
+  base ``<run>/init/base`` (a plain HF folder written by ``lnull init``) plus the adapter as a
+  ``LoRARequest``.  The adapter's own ``base_model_name_or_path`` names the *original* model, whose
+  weights are not the residual ones the adapter was initialised against, so it is not used here.
+- any other PEFT adapter folder: its ``base_model_name_or_path`` plus the adapter as a ``LoRARequest``.
+
+Prompts go in as token ids (tokenised with ``ctx.tokenizer`` without special tokens, BOS prepended when
+``model.add_bos``), so BOS handling is explicit and identical to the HF engine.  Each prompt gets its own
+``SamplingParams`` (seed = ``seed + index``: reproducible whatever vLLM's scheduling; ``max_tokens``
+capped by ``max_length`` minus the prompt length when given).  One ``vllm.LLM`` is kept (GPU memory):
+a request for another base replaces it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from lnull.config import ConfigError
+from lnull.evaluate.generate import cut_at_stop
+
+_ENGINE: dict[str, Any] = {}  # {"key": (base, dtype, max_lora_rank), "llm": vllm.LLM}
+_LORA_IDS: dict[str, int] = {}  # adapter path -> vLLM's globally unique lora_int_id (1, 2, ...)
+# vLLM accepts only these max_lora_rank values (vllm.config.LoRAConfig)
+_VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def model_and_adapter(ctx: Any) -> tuple[str, Optional[str], int]:
+    """(plain model folder or hub name for vLLM, PEFT adapter folder or None, adapter rank or 0)."""
+    identity = Path(ctx.identity)
+    conf_file = identity / "adapter_config.json"
+    if not conf_file.is_file():
+        return str(ctx.identity), None, 0
+    if (identity / "oplora_projections.safetensors").exists():
+        raise ConfigError(f"eval.engine=vllm cannot apply the unbaked OPLoRA projections of {identity}; "
+                          "use eval.engine=hf")
+    conf = json.loads(conf_file.read_text())
+    run_base = identity.parent.parent / "init" / "base"
+    if ctx.which in ("init", "trained") and (run_base / "config.json").is_file():
+        base = str(run_base)
+    else:
+        base = conf["base_model_name_or_path"]
+    ranks = [conf.get("r", 8), *(conf.get("rank_pattern") or {}).values()]
+    return base, str(identity), max(ranks)
+
+
+def _llm(ctx: Any, base: str, lora_rank: int) -> Any:
+    import vllm
+
+    max_lora_rank = next((r for r in _VLLM_LORA_RANKS if r >= lora_rank), None) if lora_rank else 0
+    if max_lora_rank is None:
+        raise ConfigError(f"LoRA rank {lora_rank} is above vLLM's largest max_lora_rank {_VLLM_LORA_RANKS[-1]}")
+    key = (base, ctx.cfg["model"]["dtype"], max_lora_rank)
+    if _ENGINE.get("key") != key:
+        _ENGINE.clear()  # drop the previous engine before allocating the next one's KV cache
+        kwargs: dict[str, Any] = {"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": 1} \
+            if max_lora_rank else {}
+        _ENGINE["llm"] = vllm.LLM(model=base, tokenizer=base, dtype=ctx.cfg["model"]["dtype"],
+                                  seed=ctx.eval_cfg["seed"], **kwargs)
+        _ENGINE["key"] = key
+    return _ENGINE["llm"]
+
+
+def generate_vllm(ctx: Any, prompts: list[str], max_new_tokens: int, stop: Sequence[str] = (),
+                  temperature: float = 0.0, top_p: float = 1.0, seed: Optional[int] = None,
+                  max_length: Optional[int] = None) -> list[str]:
+    """Completions of ``prompts`` (text after the prompt, cut at the first stop string), in prompt order.
+
+    Greedy when ``temperature`` is 0; ``max_length`` caps prompt + completion tokens.
+    """
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    base, adapter, rank = model_and_adapter(ctx)
+    llm = _llm(ctx, base, rank)
+    tok = ctx.tokenizer
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    if ctx.add_bos and tok.bos_token_id is not None:
+        ids = [[tok.bos_token_id] + x for x in ids]
+    params = [SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                             max_tokens=max_new_tokens if max_length is None
+                             else max(1, min(max_new_tokens, max_length - len(x))),
+                             stop=list(stop) or None, seed=None if seed is None else seed + i)
+              for i, x in enumerate(ids)]
+    lora = None
+    if adapter is not None:
+        lora_id = _LORA_IDS.setdefault(adapter, len(_LORA_IDS) + 1)
+        lora = LoRARequest(adapter, lora_id, adapter)  # (lora_name, lora_int_id, lora_path)
+    outs = llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=bool(ctx.cfg["progress"]),
+                        lora_request=lora)
+    return [cut_at_stop(o.outputs[0].text, stop) for o in outs]
