@@ -69,8 +69,13 @@ def run_stage(run: RunFolder, stage: str, log: Callable[[str], None] = print) ->
 def run_pipeline(cfg: dict[str, Any], stages: list[str] | None = None,
                  log: Callable[[str], None] = print) -> RunFolder:
     """Run ``stages`` (default ``run.stages``) in order on the config's run folder."""
+    stages = stages or [s for s in STAGES if s in cfg["run"]["stages"]]
     run = RunFolder.for_config(cfg)
+    if "train" in stages and not run.is_complete("train"):
+        from lnull.data.sources import check_available
+
+        check_available(cfg["task"]["dataset"], cfg.get("cache_dir"), "task.dataset")
     atomic_write_json(run.path / "provenance.json", provenance())
-    for stage in stages or [s for s in STAGES if s in cfg["run"]["stages"]]:
+    for stage in stages:
         run_stage(run, stage, log)
     return run

@@ -270,3 +270,14 @@ def test_zero3_on_cpu_matches_a_single_process(method, calibrated, monkeypatch):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-5), name
+
+
+def test_offline_hub_task_fails_before_any_stage(tmp_path, monkeypatch):
+    from lnull.cli import compose
+    from lnull.pipeline import run_pipeline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = compose(["+experiment=tiny", "task=instruct", f"run.dir={tmp_path / 'run'}", "progress=false"])
+    with pytest.raises(ConfigError, match="task.dataset 'hub:WizardLMTeam/.*' needs the Hugging Face hub"):
+        run_pipeline(cfg)
+    assert not (tmp_path / "run" / "calibration").exists()

@@ -73,3 +73,24 @@ def require_fields(rows: list[dict[str, Any]], fields: list[str], spec: str) -> 
     for name in fields:
         if name not in rows[0]:
             raise ConfigError(f"dataset '{spec}' has no field '{name}' (fields: {', '.join(rows[0])})")
+
+
+def check_available(spec: str, cache_dir: Optional[str] = None, what: str = "dataset") -> None:
+    """Cheap check that ``spec`` can be loaded here (file or asset present, hub reachable), so a run fails in
+    seconds instead of after the stages before the one that reads it."""
+    if spec.startswith("synthetic:"):
+        load_records(spec, cache_dir, 1)
+    elif spec.startswith("asset:"):
+        from lnull.assets import asset_path
+
+        name, _, split = spec[len("asset:"):].partition("/")
+        try:
+            asset_path(name, split or "test", cache_dir=cache_dir)
+        except (FileNotFoundError, ValueError) as exc:
+            raise ConfigError(f"{what} '{spec}': {exc}") from None
+    elif spec.startswith("hub:"):
+        if not hub_reachable():
+            raise ConfigError(f"{what} '{spec}' needs the Hugging Face hub, which is not reachable (offline); "
+                              "point it at a local jsonl file instead")
+    elif not Path(spec).exists():
+        raise ConfigError(f"{what} '{spec}' not found: not a file, and not synthetic:/asset:/hub:")

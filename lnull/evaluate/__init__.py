@@ -15,7 +15,7 @@ from typing import Any
 
 from lnull.config import ConfigError
 from lnull.evaluate.base import EvalContext
-from lnull.evaluate.registry import RUN_MODELS, scorer
+from lnull.evaluate.registry import RUN_MODELS, check_benchmark_inputs, scorer
 from lnull.modeling import load_model, load_tokenizer, pick_device, resolve_model
 
 
@@ -71,8 +71,9 @@ def run(cfg: dict[str, Any], out_dir: Path, run_dir: Path) -> dict[str, Any]:
     benchmarks = cfg["eval"]["benchmarks"]
     if not benchmarks:
         raise ConfigError("eval.benchmarks is empty; pick an eval= config (e.g. eval=[knowledge,math])")
-    for bench in benchmarks.values():
-        scorer(bench["kind"])  # import errors and unknown kinds before any model is loaded
+    for name, bench in benchmarks.items():  # unknown kinds, missing data, unknown tasks: before any model loads
+        scorer(bench["kind"])
+        check_benchmark_inputs(name, bench, cfg.get("cache_dir"))
     device = pick_device(cfg["device"])
     records = []
     for which in cfg["eval"]["models"]:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlparse
 
 from lnull.config import ConfigError
 
@@ -42,7 +44,7 @@ def check_eval_config(ev: Any) -> None:
         allowed = TASKS.get(bench.kind)
         if allowed and (bench.task or name) not in allowed:
             raise ConfigError(f"eval.benchmarks.{name}.task '{bench.task}' is not one of {', '.join(allowed)}")
-        if bench.kind in ("qa_exact_match", "math", "code", "mtbench") and not bench.dataset:
+        if bench.kind in KINDS and not bench.dataset:
             raise ConfigError(f"eval.benchmarks.{name}.dataset is not set")
         if bench.kind == "lm_eval" and not bench.task:
             raise ConfigError(f"eval.benchmarks.{name}.task (the lm-eval task name) is not set")
@@ -67,3 +69,26 @@ def check_eval_config(ev: Any) -> None:
                           f"checkout; got '{ev.code.bigcode_path}'")
     if not 0.0 < ev.code.top_p <= 1.0:
         raise ConfigError(f"eval.code.top_p must be in (0, 1], got {ev.code.top_p}")
+    for key in ("n_samples", "workers", "max_length"):
+        if getattr(ev.code, key) < 1:
+            raise ConfigError(f"eval.code.{key} must be >= 1, got {getattr(ev.code, key)}")
+    if ev.code.timeout_s <= 0 or ev.code.temperature < 0:
+        raise ConfigError(f"eval.code.timeout_s must be > 0 and temperature >= 0, got {ev.code.timeout_s} and "
+                          f"{ev.code.temperature}")
+    judged = ev.mtbench.judge_url and any(b.kind == "mtbench" for b in ev.benchmarks.values())
+    if judged and urlparse(ev.mtbench.judge_url).hostname not in ("localhost", "127.0.0.1", "::1") \
+            and not os.environ.get(ev.mtbench.judge_key_env):
+        raise ConfigError(f"eval.mtbench.judge_url={ev.mtbench.judge_url} needs its API key in the environment "
+                          f"variable {ev.mtbench.judge_key_env} (eval.mtbench.judge_key_env)")
+
+
+def check_benchmark_inputs(name: str, bench: dict[str, Any], cache_dir: Any) -> None:
+    """Before any model is loaded: the benchmark's data is here and an lm-eval task name exists."""
+    from lnull.data.sources import check_available
+
+    if bench.get("dataset") and bench["dataset"] != "hub":
+        check_available(bench["dataset"], cache_dir, f"eval.benchmarks.{name}.dataset")
+    if bench["kind"] == "lm_eval":
+        from lnull.evaluate.harness import builtin_task_yaml
+
+        builtin_task_yaml(bench["task"])

@@ -1,0 +1,64 @@
+"""The evaluate stage around the scorers: inputs checked before any model loads, per-benchmark records
+that survive a killed run, combined eval configs, any model folder."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lnull.config import ConfigError
+
+
+def test_combined_eval_configs_merge():
+    from lnull.cli import compose
+
+    cfg = compose(["+experiment=tiny", "eval=[knowledge,math,code,mtbench,commonsense]"])
+    assert {"nq_open", "gsm8k", "math", "humaneval", "mbpp", "mt_bench", "arc_easy", "winogrande"} <= set(
+        cfg["eval"]["benchmarks"])
+
+
+@pytest.mark.parametrize("bench, message", [
+    ({"kind": "math", "task": "gsm8k", "dataset": "asset:gsm8k/test"}, "asset 'gsm8k' missing: run `lnull assets`"),
+    ({"kind": "lm_eval", "task": "nq_opne", "dataset": "synthetic:facts:4"}, "unknown lm-eval task 'nq_opne'"),
+    ({"kind": "qa_exact_match", "dataset": "/no/such.jsonl"}, "'/no/such.jsonl' not found"),
+])
+def test_missing_data_or_task_fails_before_any_model_loads(bench, message, tiny_cfg, monkeypatch, tmp_path):
+    import lnull.evaluate as evaluate
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(evaluate, "load_for_eval", no_model)
+    cfg = tiny_cfg("eval.models=[base]")
+    full = {"question_field": "question", "answer_field": "answer", "max_new_tokens": 4, "prompt": None,
+            "num_fewshot": 0, "task": None, **bench}
+    cfg["eval"]["benchmarks"] = {"probe": full}
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("`", ".")):
+        evaluate.run(cfg, tmp_path / "eval.partial", tmp_path / "run")
+
+
+def test_killed_evaluation_resumes_at_the_first_unscored_benchmark(tiny_cfg, monkeypatch, tmp_path):
+    import lnull.evaluate as evaluate
+    from lnull.evaluate import qa
+
+    cfg = tiny_cfg("eval.models=[base]", "eval.limit=2")
+    bench = dict(cfg["eval"]["benchmarks"]["synthetic_facts"])
+    cfg["eval"]["benchmarks"] = {"first": bench, "second": bench}
+    out = tmp_path / "eval.partial"
+    real, calls = qa.score, []
+
+    def dies_on_second(name, *args):
+        calls.append(name)
+        if name == "second" and calls.count("second") == 1:
+            raise KeyboardInterrupt
+        return real(name, *args)
+
+    monkeypatch.setattr(qa, "score", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.run(cfg, out, tmp_path / "run")
+    assert (out / "base" / "first.json").exists() and not (out / "base" / "second.json").exists()
+    summary = evaluate.run(cfg, out, tmp_path / "run")
+    assert calls == ["first", "second", "second"]  # first was not scored again
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert [r["benchmark"] for r in results] == ["first", "second"] and set(summary) == {"base/first",
+                                                                                         "base/second"}
