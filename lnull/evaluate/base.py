@@ -1,6 +1,7 @@
 """What a scorer gets: the loaded model, its tokenizer, the run config and a scratch folder."""
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -8,6 +9,17 @@ from typing import Any, Optional, Sequence
 
 from lnull.data.sources import load_records, require_fields
 from lnull.evaluate.generate import generate
+
+
+def read_saved_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a jsonl cache a scorer appends to line by line; a line cut short by a kill is dropped."""
+    rows = []
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 @dataclass

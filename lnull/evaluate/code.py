@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lnull.config import ConfigError
+from lnull.evaluate.base import read_saved_rows
 
 
 @dataclass(frozen=True)
@@ -157,14 +158,7 @@ def _generations(task: CodeTask, prompts: list[str], code: dict, ctx: Any, desc:
     chunk = ev["batch_size"] * 8
     key = [code["temperature"], code["top_p"], code["max_length"], seed, ev["batch_size"], ev["engine"], task.stop]
     cache = Path(ctx.work_dir) / f"generations-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]}.jsonl"
-    done: dict[tuple[int, str], str] = {}
-    if cache.exists():
-        for line in cache.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a kill
-                continue
-            done[(row["sample"], row["prompt"])] = row["completion"]
+    done = {(row["sample"], row["prompt"]): row["completion"] for row in read_saved_rows(cache)}
     with open(cache, "a") as fh:
         for sample in range(n_samples):
             todo = [p for p in dict.fromkeys(prompts) if (sample, p) not in done]

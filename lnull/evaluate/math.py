@@ -30,6 +30,7 @@ from importlib.metadata import version
 from typing import Any, Optional
 
 from lnull.config import ConfigError
+from lnull.evaluate.base import read_saved_rows
 from lnull.data.prompts import ALPACA
 
 TASKS = ("gsm8k", "math")
@@ -222,14 +223,7 @@ def _generate_cached(ctx: Any, prompts: list[str], max_new_tokens: int, desc: st
     """Greedy completions, saved chunk by chunk to ``ctx.work_dir`` so that a killed run resumes."""
     path = ctx.work_dir / "completions.jsonl"
     keys = [hashlib.sha1(f"{max_new_tokens}|{p}".encode()).hexdigest()[:16] for p in prompts]
-    done: dict[str, str] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a kill
-                continue
-            done[row["key"]] = row["completion"]
+    done = {row["key"]: row["completion"] for row in read_saved_rows(path)}
     todo = [i for i, k in enumerate(keys) if k not in done]
     chunk = max(64, 4 * ctx.eval_cfg["batch_size"])
     with open(path, "a") as fh:

@@ -30,6 +30,7 @@ from typing import Any, Optional
 from urllib.parse import urlparse
 
 from lnull.config import ConfigError
+from lnull.evaluate.base import read_saved_rows
 from lnull.data.sources import read_jsonl
 from lnull.modeling import cache_root
 from lnull.runs import atomic_write_json, atomic_write_text
@@ -218,17 +219,6 @@ def summarize(judgments: list[dict], category_of: dict[int, str]) -> dict[str, A
             "n_judgments": len(judgments), "n_unparsable": len(judgments) - len(valid)}
 
 
-def _saved_judgments(path: Path) -> list[dict]:
-    """Judgments of an earlier (maybe killed) run; a line cut short by the kill is dropped."""
-    rows = []
-    for line in (path.read_text().splitlines() if path.exists() else []):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
 def score(name: str, bench: dict[str, Any], ctx: Any) -> dict[str, Any]:
     """MT-Bench score (mean judge rating 1-10 over both turns), or None + ``skipped`` without a judge."""
     mt = ctx.eval_cfg["mtbench"]
@@ -258,7 +248,7 @@ def score(name: str, bench: dict[str, Any], ctx: Any) -> dict[str, Any]:
         return {**record, "value": None,
                 "skipped": f"no judge (eval.mtbench.judge_url unset); answers saved in {answers_path}"}
     saved = {(j["question_id"], j["turn"], j["judge"][0], j["user_prompt"]): j
-             for j in _saved_judgments(judgments_path) if not j["judgment"].startswith(API_ERROR)}
+             for j in read_saved_rows(judgments_path) if not j["judgment"].startswith(API_ERROR)}
     jobs, judgments = [], []
     for r in rows:
         for turn in (1, 2):
