@@ -243,10 +243,12 @@ def test_dotted_fields_read_sharegpt_records():
 
 def test_options_gradient_checkpointing_grouping_and_wandb_offline(calibrated):
     cfg, init_dir = _init(calibrated, "lora", "train.gradient_checkpointing=true", "train.group_by_length=true",
-                          "train.micro_batch_size=2", "train.max_steps=2", "train.wandb=offline")
+                          "train.micro_batch_size=2", "train.max_steps=3", "train.log_every=2",
+                          "train.wandb=offline")
     out = calibrated.root / "options" / "train"
     summary = _train(cfg, init_dir, out)
-    assert summary["steps"] == 2 and summary["last_loss"] > 0
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert summary["steps"] == 3 and [r["step"] for r in log] == [2, 3] and summary["last_loss"] > 0
     assert list((out / "wandb").glob("offline-run-*")), "wandb offline run folder missing"
 
 

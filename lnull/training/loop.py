@@ -105,8 +105,8 @@ def train_loop(cfg: dict[str, Any], out_dir: Path, init_dir: Path) -> dict[str, 
     bar = tqdm(total=steps, initial=state["step"], desc=f"train {info['method']}", unit="step",
                disable=not (cfg["progress"] and accelerator.is_main_process))
     wrapped.train()
-    start, start_tokens, first_loss, last = time.perf_counter(), state["tokens"], None, None
-    running = torch.zeros((), device=device)
+    start, start_tokens, last = time.perf_counter(), state["tokens"], None
+    running, micro_steps = torch.zeros((), device=device), 0  # loss summed over the logging interval
     for step in range(state["step"], steps):
         micro_batches = step_plan(lengths, step, tcfg, accelerator.process_index, accelerator.num_processes)
         state["tokens"] += sum(lengths[i] for mb in step_plan(lengths, step, tcfg, 0, 1) for i in mb)  # all ranks
@@ -120,21 +120,22 @@ def train_loop(cfg: dict[str, Any], out_dir: Path, init_dir: Path) -> dict[str, 
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             running += loss.detach()
+            micro_steps += 1
         scheduler.step()
         state["step"] = step + 1
         bar.update(1)
         if state["step"] % tcfg["log_every"] == 0 or state["step"] == steps:
-            mean_loss = float(accelerator.reduce(running, "mean")) / len(micro_batches)  # the one host sync
+            mean_loss = float(accelerator.reduce(running, "mean")) / micro_steps  # the one host sync
             elapsed = state["seconds"] + time.perf_counter() - start
             last = {"step": state["step"], "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
                     "tokens": state["tokens"], "tokens_per_s": (state["tokens"] - start_tokens) /
                     max(time.perf_counter() - start, 1e-9), "elapsed_s": round(elapsed, 3)}
-            first_loss = mean_loss if first_loss is None else first_loss
             if accelerator.is_main_process:
                 _append_metrics(metrics, last)
             accelerator.log({k: v for k, v in last.items() if k != "step"}, step=state["step"])
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{last['lr']:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
-        running.zero_()
+            running.zero_()
+            micro_steps = 0
         if tcfg["checkpoint_every"] and state["step"] % tcfg["checkpoint_every"] == 0 and state["step"] < steps:
             checkpoint.save(accelerator, out_dir / "checkpoints",
                             {**state, "seconds": state["seconds"] + time.perf_counter() - start})
@@ -145,7 +146,7 @@ def train_loop(cfg: dict[str, Any], out_dir: Path, init_dir: Path) -> dict[str, 
     log = [json.loads(l) for l in metrics.read_text().splitlines()] if metrics.exists() else []
     return {"steps": steps, "trainable_params": trainable, "processes": accelerator.num_processes,
             "distributed_type": accelerator.distributed_type.value,
-            "first_loss": log[0]["loss"] if log else first_loss, "last_loss": last["loss"] if last else None,
+            "first_loss": log[0]["loss"] if log else None, "last_loss": last["loss"] if last else None,
             "tokens": state["tokens"], "seconds": round(seconds, 3),
             "steps_per_s": round(steps / seconds, 4) if seconds else None,
             "tokens_per_s": round(state["tokens"] / seconds, 2) if seconds else None}
