@@ -62,3 +62,24 @@ def test_killed_evaluation_resumes_at_the_first_unscored_benchmark(tiny_cfg, mon
     results = json.loads((out / "results.json").read_text())["results"]
     assert [r["benchmark"] for r in results] == ["first", "second"] and set(summary) == {"base/first",
                                                                                          "base/second"}
+
+
+def test_a_runs_adapter_folder_scores_as_the_trained_model(tiny_cfg):
+    import torch
+
+    from lnull.evaluate import load_for_eval
+    from lnull.pipeline import run_pipeline
+
+    cfg = tiny_cfg("method.name=pissa", "train.lr=1e-2")
+    run = run_pipeline(cfg, stages=["calibrate", "init", "train"])
+    adapter = run.path / "train" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        (run.path / "init" / "base").resolve())
+    ids = torch.arange(3, 40).unsqueeze(0)
+    trained, _, _ = load_for_eval(cfg, run.path, "trained", "cpu")
+    by_path, _, identity = load_for_eval(cfg, run.path, str(adapter), "cpu")
+    original, _, _ = load_for_eval(cfg, run.path, "base", "cpu")
+    with torch.no_grad():
+        want, got, orig = (m(input_ids=ids).logits for m in (trained, by_path, original))
+    assert identity == str(adapter) and torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(orig, want, atol=1e-3)  # training moved the model: the check is not vacuous

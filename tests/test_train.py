@@ -283,3 +283,10 @@ def test_offline_hub_task_fails_before_any_stage(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="task.dataset 'hub:WizardLMTeam/.*' needs the Hugging Face hub"):
         run_pipeline(cfg)
     assert not (tmp_path / "run" / "calibration").exists()
+
+
+def test_a_worker_error_reaches_the_parent_as_one_line(calibrated, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg, init_dir = _init(calibrated, "lora", "accelerate=cpu_ddp", "train.precision=bf16")
+    with pytest.raises(ConfigError, match="train.precision=bf16 needs a CUDA device"):
+        _train(cfg, init_dir, calibrated.root / "worker-error" / "train")

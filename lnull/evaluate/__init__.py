@@ -21,7 +21,8 @@ from lnull.modeling import load_model, load_tokenizer, pick_device, resolve_mode
 
 def load_for_eval(cfg: dict[str, Any], run_dir: Path, which: str, device) -> tuple[Any, Any, str]:
     """(model, tokenizer, identity) for ``which``: base | init | trained, a model folder, a PEFT adapter
-    folder (loaded on its ``base_model_name_or_path``) or a hub name."""
+    folder (a run's ``init/adapter`` or ``train/adapter`` on that run's ``init/base``, any other on its
+    ``base_model_name_or_path``) or a hub name."""
     dtype = cfg["model"]["dtype"]
     if which not in RUN_MODELS:
         path = resolve_model(which, cfg.get("cache_dir"))
@@ -29,7 +30,9 @@ def load_for_eval(cfg: dict[str, Any], run_dir: Path, which: str, device) -> tup
         if adapter_cfg.exists():
             from peft import PeftModel
 
-            base = json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
+            run_base = Path(path).parent.parent / "init" / "base"  # a run's init/ or train/ adapter: its residual
+            base = str(run_base) if (run_base / "config.json").exists() else \
+                json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
             model = PeftModel.from_pretrained(load_model(base, dtype, device), path).eval()
             return model, load_tokenizer(base), path
         return load_model(path, dtype, device), load_tokenizer(path), path

@@ -5,8 +5,8 @@ vLLM loads a plain model folder (or hub name).  Which folder and which LoRA adap
 - ``base``, a model folder, ``trained`` with a full fine-tune (``train/model``): that folder, no LoRA.
 - ``init`` / ``trained`` of a run (``<run>/init/adapter``, ``<run>/train/adapter``): the run's residual
   base ``<run>/init/base`` (a plain HF folder written by ``lnull init``) plus the adapter as a
-  ``LoRARequest``.  The adapter's own ``base_model_name_or_path`` names the *original* model, whose
-  weights are not the residual ones the adapter was initialised against, so it is not used here.
+  ``LoRARequest`` (init/adapter records the *original* model as ``base_model_name_or_path``, whose
+  weights are not the residual ones the adapter was initialised against), so the run folder decides.
 - any other PEFT adapter folder: its ``base_model_name_or_path`` plus the adapter as a ``LoRARequest``.
 
 Prompts go in as token ids (tokenised with ``ctx.tokenizer`` without special tokens, BOS prepended when

@@ -189,4 +189,6 @@ def _save_result(accelerator: Any, wrapped: Any, info: dict[str, Any], init_dir:
         if accelerator.is_main_process:
             if (init_dir / "adapter" / PROJECTIONS_FILE).exists():
                 bake_projections(model, init_dir / "adapter")
+            # the adapter belongs on the residual base (PEFT would otherwise record the original model)
+            model.peft_config["default"].base_model_name_or_path = str((init_dir / "base").resolve())
             model.save_pretrained(target)
