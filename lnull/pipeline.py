@@ -66,15 +66,25 @@ def run_stage(run: RunFolder, stage: str, log: Callable[[str], None] = print) ->
     return summary
 
 
+def _check_inputs(cfg: dict[str, Any], run: RunFolder, stages: list[str]) -> None:
+    """Data the pending stages will read is here (before hours of calibration and training, not after)."""
+    from lnull.data.sources import check_available
+
+    if "train" in stages and not run.is_complete("train"):
+        check_available(cfg["task"]["dataset"], cfg.get("cache_dir"), "task.dataset")
+    if "evaluate" in stages and not run.is_complete("evaluate"):
+        from lnull.evaluate.registry import check_benchmark_inputs
+
+        for name, bench in cfg["eval"]["benchmarks"].items():
+            check_benchmark_inputs(name, bench, cfg.get("cache_dir"))
+
+
 def run_pipeline(cfg: dict[str, Any], stages: list[str] | None = None,
                  log: Callable[[str], None] = print) -> RunFolder:
     """Run ``stages`` (default ``run.stages``) in order on the config's run folder."""
     stages = stages or [s for s in STAGES if s in cfg["run"]["stages"]]
     run = RunFolder.for_config(cfg)
-    if "train" in stages and not run.is_complete("train"):
-        from lnull.data.sources import check_available
-
-        check_available(cfg["task"]["dataset"], cfg.get("cache_dir"), "task.dataset")
+    _check_inputs(cfg, run, stages)
     atomic_write_json(run.path / "provenance.json", provenance())
     for stage in stages:
         run_stage(run, stage, log)

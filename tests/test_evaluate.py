@@ -83,3 +83,13 @@ def test_a_runs_adapter_folder_scores_as_the_trained_model(tiny_cfg):
         want, got, orig = (m(input_ids=ids).logits for m in (trained, by_path, original))
     assert identity == str(adapter) and torch.allclose(got, want, atol=1e-5)
     assert not torch.allclose(orig, want, atol=1e-3)  # training moved the model: the check is not vacuous
+
+
+def test_run_checks_eval_data_before_the_first_stage(tmp_path):
+    from lnull.cli import compose
+    from lnull.pipeline import run_pipeline
+
+    cfg = compose(["+experiment=tiny", "eval=math", f"run.dir={tmp_path / 'run'}", "progress=false"])
+    with pytest.raises(ConfigError, match="eval.benchmarks.gsm8k.dataset 'asset:gsm8k/test': asset 'gsm8k' missing"):
+        run_pipeline(cfg)
+    assert not (tmp_path / "run" / "calibration").exists()
