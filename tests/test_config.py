@@ -73,3 +73,13 @@ def test_every_registered_method_has_a_config_and_vice_versa():
 def test_every_method_config_composes(name):
     cfg = compose(["+experiment=tiny", f"method={name}"])
     assert cfg["method"]["name"] == name
+
+
+@pytest.mark.parametrize("group", ["accelerate", "task", "eval", "train"])
+def test_every_group_option_composes_with_the_paper_experiment(group):
+    for path in sorted((CONFIG_DIR / group).glob("*.yaml")):
+        cfg = compose(["+experiment=math_llama2", f"{group}={path.stem}"])
+        assert cfg[group], path
+        if group == "accelerate":  # the paper's effective batch splits over the config's processes
+            launch = cfg["accelerate"]["launch"]
+            assert cfg["train"]["batch_size"] % (cfg["train"]["micro_batch_size"] * launch["num_processes"]) == 0
