@@ -30,6 +30,8 @@ def prepare_examples(cfg: dict[str, Any], out_dir: Path, init_dir: Path) -> Path
 
 
 def run(cfg: dict[str, Any], out_dir: Path, init_dir: Path) -> dict[str, Any]:
+    """Train ``init_dir`` into ``out_dir`` (the stage's partial folder); returns the summary for complete.json
+    (steps, losses, tokens, seconds, steps/s, tokens/s, processes, distributed type)."""
     if cfg["train"]["wandb"] == "online" and not (os.environ.get("WANDB_API_KEY") or _wandb_logged_in()):
         raise ConfigError("train.wandb=online but no wandb key (set WANDB_API_KEY or `wandb login`); "
                           "use train.wandb=offline to log locally")

@@ -93,3 +93,16 @@ def test_run_checks_eval_data_before_the_first_stage(tmp_path):
     with pytest.raises(ConfigError, match="eval.benchmarks.gsm8k.dataset 'asset:gsm8k/test': asset 'gsm8k' missing"):
         run_pipeline(cfg)
     assert not (tmp_path / "run" / "calibration").exists()
+
+
+def test_weights_are_loaded_only_when_a_scorer_runs_the_model_here(tiny_cfg, tmp_path):
+    from lnull.evaluate import load_for_eval, needs_weights
+
+    hf = {"engine": "hf", "code": {"backend": "builtin"}}
+    vllm = {"engine": "vllm", "code": {"backend": "builtin"}}
+    bigcode = {"engine": "hf", "code": {"backend": "bigcode"}}
+    gen, code, harness = {"kind": "math"}, {"kind": "code"}, {"kind": "lm_eval"}
+    assert needs_weights([gen], hf) and needs_weights([harness], vllm) and needs_weights([code, gen], bigcode)
+    assert not needs_weights([gen, code], vllm) and not needs_weights([code], bigcode)
+    model, tokenizer, identity = load_for_eval(tiny_cfg(), tmp_path / "run", "base", "cpu", weights=False)
+    assert model is None and tokenizer is not None and identity.endswith("tiny-llama")

@@ -11,7 +11,7 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from lnull.config import ConfigError
 from lnull.evaluate.base import EvalContext
@@ -19,37 +19,55 @@ from lnull.evaluate.registry import RUN_MODELS, check_benchmark_inputs, scorer
 from lnull.modeling import load_model, load_tokenizer, pick_device, resolve_model
 
 
-def load_for_eval(cfg: dict[str, Any], run_dir: Path, which: str, device) -> tuple[Any, Any, str]:
-    """(model, tokenizer, identity) for ``which``: base | init | trained, a model folder, a PEFT adapter
-    folder (a run's ``init/adapter`` or ``train/adapter`` on that run's ``init/base``, any other on its
-    ``base_model_name_or_path``) or a hub name."""
-    dtype = cfg["model"]["dtype"]
+def model_source(cfg: dict[str, Any], run_dir: Path, which: str) -> tuple[str, Optional[str], str]:
+    """(base model folder or hub name, PEFT adapter folder or None, identity) of ``which``: base | init |
+    trained, a model folder, a PEFT adapter folder (a run's ``init/adapter`` or ``train/adapter`` on that run's
+    ``init/base``, any other on its ``base_model_name_or_path``) or a hub name."""
     if which not in RUN_MODELS:
         path = resolve_model(which, cfg.get("cache_dir"))
         adapter_cfg = Path(path) / "adapter_config.json"
-        if adapter_cfg.exists():
-            from peft import PeftModel
-
-            run_base = Path(path).parent.parent / "init" / "base"  # a run's init/ or train/ adapter: its residual
-            base = str(run_base) if (run_base / "config.json").exists() else \
-                json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
-            model = PeftModel.from_pretrained(load_model(base, dtype, device), path).eval()
-            return model, load_tokenizer(base), path
-        return load_model(path, dtype, device), load_tokenizer(path), path
+        if not adapter_cfg.exists():
+            return path, None, path
+        run_base = Path(path).parent.parent / "init" / "base"  # a run's init/ or train/ adapter: its residual
+        base = str(run_base) if (run_base / "config.json").exists() else \
+            json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
+        return base, path, path
     if which == "base":
         path = resolve_model(cfg["model"]["name_or_path"], cfg.get("cache_dir"))
-        return load_model(path, dtype, device), load_tokenizer(path), path
-    base = run_dir / "init" / "base"
-    adapter = run_dir / ("init/adapter" if which == "init" else "train/adapter")
+        return path, None, path
     full_model = run_dir / "train" / "model"
     if which == "trained" and full_model.exists():
-        return load_model(str(full_model), dtype, device), load_tokenizer(str(full_model)), str(full_model)
-    model = load_model(str(base), dtype, device)
-    if adapter.exists():
+        return str(full_model), None, str(full_model)
+    base, adapter = run_dir / "init" / "base", run_dir / ("init/adapter" if which == "init" else "train/adapter")
+    return (str(base), str(adapter), str(adapter)) if adapter.exists() else (str(base), None, str(base))
+
+
+def load_for_eval(cfg: dict[str, Any], run_dir: Path, which: str, device, weights: bool = True) -> tuple[Any, Any, str]:
+    """(model, tokenizer, identity) for ``which`` (see :func:`model_source`); model None when not ``weights``
+    (vLLM or the bigcode harness load the folders themselves)."""
+    base, adapter, identity = model_source(cfg, run_dir, which)
+    tokenizer = load_tokenizer(base)
+    if not weights:
+        return None, tokenizer, identity
+    model = load_model(base, cfg["model"]["dtype"], device)
+    if adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter)).eval()
-    return model, load_tokenizer(str(base)), str(adapter if adapter.exists() else base)
+        model = PeftModel.from_pretrained(model, adapter).eval()
+    return model, tokenizer, identity
+
+
+def needs_weights(benches: list[dict[str, Any]], ev: dict[str, Any]) -> bool:
+    """Whether scoring ``benches`` needs the model in this process: lm-eval always; generation unless it
+    runs in vLLM; code unless the bigcode harness runs it."""
+    for bench in benches:
+        if bench["kind"] == "lm_eval":
+            return True
+        if bench["kind"] == "code" and ev["code"]["backend"] == "bigcode":
+            continue
+        if ev["engine"] == "hf":
+            return True
+    return False
 
 
 def model_slug(which: str) -> str:
@@ -82,7 +100,8 @@ def run(cfg: dict[str, Any], out_dir: Path, run_dir: Path) -> dict[str, Any]:
     for which in cfg["eval"]["models"]:
         model_dir = out_dir / model_slug(which)
         pending = [n for n in benchmarks if not (model_dir / f"{n}.json").exists()]
-        loaded = load_for_eval(cfg, run_dir, which, device) if pending else (None, None, "")
+        weights = needs_weights([benchmarks[n] for n in pending], cfg["eval"])
+        loaded = load_for_eval(cfg, run_dir, which, device, weights) if pending else (None, None, "")
         for name, bench in benchmarks.items():
             done = model_dir / f"{name}.json"
             if not done.exists():

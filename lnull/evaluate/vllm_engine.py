@@ -32,21 +32,18 @@ _VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 def model_and_adapter(ctx: Any) -> tuple[str, Optional[str], int]:
     """(plain model folder or hub name for vLLM, PEFT adapter folder or None, adapter rank or 0)."""
+    from lnull.evaluate import model_source
+
     identity = Path(ctx.identity)
-    conf_file = identity / "adapter_config.json"
-    if not conf_file.is_file():
-        return str(ctx.identity), None, 0
     if (identity / "oplora_projections.safetensors").exists():
         raise ConfigError(f"eval.engine=vllm cannot apply the unbaked OPLoRA projections of {identity}; "
                           "use eval.engine=hf")
-    conf = json.loads(conf_file.read_text())
-    run_base = identity.parent.parent / "init" / "base"
-    if ctx.which in ("init", "trained") and (run_base / "config.json").is_file():
-        base = str(run_base)
-    else:
-        base = conf["base_model_name_or_path"]
+    base, adapter, _ = model_source(ctx.cfg, identity, str(ctx.identity))  # identity: the adapter or model folder
+    if adapter is None:
+        return base, None, 0
+    conf = json.loads((Path(adapter) / "adapter_config.json").read_text())
     ranks = [conf.get("r", 8), *(conf.get("rank_pattern") or {}).values()]
-    return base, str(identity), max(ranks)
+    return base, adapter, max(ranks)
 
 
 def _llm(ctx: Any, base: str, lora_rank: int) -> Any:
