@@ -45,3 +45,18 @@ def tiny_cfg(tmp_path):
         return compose(["+experiment=tiny", f"run.dir={tmp_path / 'run'}", "progress=false", "train.max_steps=3",
                         *overrides])
     return make
+
+
+@pytest.fixture
+def tiny_base_context(tiny_cfg, tmp_path):
+    """``make(*overrides) -> (cfg, EvalContext)`` of the tiny base model, scratch folder ``tmp_path/work``."""
+    from lnull.evaluate import load_for_eval
+    from lnull.evaluate.base import EvalContext
+
+    def make(*overrides: str):
+        cfg = tiny_cfg(*overrides)
+        model, tok, identity = load_for_eval(cfg, tmp_path / "run", "base", "cpu")
+        ctx = EvalContext(model, tok, cfg, "base", identity, tmp_path / "work")
+        ctx.work_dir.mkdir()
+        return cfg, ctx
+    return make

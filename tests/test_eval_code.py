@@ -162,16 +162,12 @@ def test_bad_settings_are_config_errors(tmp_path):
               ScriptedCtx(data, {}, tmp_path, n_samples=0))
 
 
-def test_score_runs_on_the_tiny_model(tiny_cfg, tmp_path):
-    from lnull.evaluate import load_for_eval, score_one
-    from lnull.evaluate.base import EvalContext
+def test_score_runs_on_the_tiny_model(tiny_base_context, tmp_path):
+    from lnull.evaluate import score_one
 
     data = _jsonl(tmp_path / "he.jsonl", PROBLEMS[:3])
-    cfg = tiny_cfg("eval=code", "eval.limit=2", f"eval.benchmarks.humaneval.dataset={data}",
-                   "eval.code.max_length=300")
-    model, tok, identity = load_for_eval(cfg, tmp_path / "run", "base", "cpu")
-    ctx = EvalContext(model, tok, cfg, "base", identity, tmp_path / "work")
-    ctx.work_dir.mkdir()
+    cfg, ctx = tiny_base_context("eval=code", "eval.limit=2", f"eval.benchmarks.humaneval.dataset={data}",
+                                 "eval.code.max_length=300")
     rec = score_one("humaneval", cfg["eval"]["benchmarks"]["humaneval"], ctx)
     assert rec["metric"] == "pass@1" and rec["n"] == 2 and 0.0 <= rec["value"] <= 100.0
     assert rec["kind"] == "code" and rec["settings"]["max_length"] == 300 and len(rec["examples"]) == 2

@@ -144,18 +144,14 @@ def test_score_rejects_bad_task_and_rows_without_gold(tmp_path):
         score("math", BENCH, ScriptedCtx(rows, [], tmp_path))
 
 
-def test_score_runs_on_the_tiny_model(tiny_cfg, tmp_path):
-    from lnull.evaluate import load_for_eval, score_one
-    from lnull.evaluate.base import EvalContext
+def test_score_runs_on_the_tiny_model(tiny_base_context, tmp_path):
+    from lnull.evaluate import score_one
 
     data = tmp_path / "gsm.jsonl"
     data.write_text("".join(json.dumps({"question": f"Tom has {i} apples and buys 2. How many?",
                                         "answer": f"{i}+2={i + 2}\n#### {i + 2}"}) + "\n" for i in range(3)))
-    cfg = tiny_cfg("eval=math", "eval.limit=2", f"eval.benchmarks.gsm8k.dataset={data}",
-                   "eval.benchmarks.gsm8k.max_new_tokens=8")
-    model, tok, identity = load_for_eval(cfg, tmp_path / "run", "base", "cpu")
-    ctx = EvalContext(model, tok, cfg, "base", identity, tmp_path / "work")
-    ctx.work_dir.mkdir()
+    cfg, ctx = tiny_base_context("eval=math", "eval.limit=2", f"eval.benchmarks.gsm8k.dataset={data}",
+                                 "eval.benchmarks.gsm8k.max_new_tokens=8")
     rec = score_one("gsm8k", cfg["eval"]["benchmarks"]["gsm8k"], ctx)
     assert rec["metric"] == "accuracy" and rec["n"] == 2 and 0.0 <= rec["value"] <= 100.0
     assert rec["kind"] == "math" and rec["settings"]["max_new_tokens"] == 8 and len(rec["examples"]) == 2
