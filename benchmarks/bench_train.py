@@ -47,7 +47,7 @@ def time_variant(cfg: dict, init_dir: Path, examples: list, pad_id: int, steps: 
     seconds, tokens = 0.0, 0
     for step in range(steps + 1):
         start = time.perf_counter()
-        plan = step_plan(lengths, step, tcfg, 0, 1)
+        plan = step_plan(lengths, step, tcfg)
         for idx in plan:
             batch = collate([examples[i] for i in idx], pad_id)
             (loss_fn(**batch) / len(plan)).backward()

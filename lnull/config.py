@@ -251,13 +251,24 @@ def validate(cfg: DictConfig | LnullConfig) -> None:
     check_train_config(cfg)
 
 
+def launch_processes(cfg: Any) -> int:
+    """Processes of the configured launch: ``accelerate.launch.num_processes``, 1 without ``accelerate``."""
+    launch = cfg["accelerate"]["launch"] if cfg["accelerate"] else {}
+    return int(launch.get("num_processes", 1) or 1)
+
+
+def accumulation_steps(cfg: Any) -> int:
+    """Micro-batches per optimizer step on each process: batch_size / (micro_batch_size x processes)."""
+    return cfg["train"]["batch_size"] // (cfg["train"]["micro_batch_size"] * launch_processes(cfg))
+
+
 def check_train_config(cfg: DictConfig | LnullConfig) -> None:
     """Training values that cannot work, including an effective batch the processes cannot split."""
     t = cfg.train
     for key in ("batch_size", "micro_batch_size", "max_length"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
-    processes = int((cfg.accelerate.launch if cfg.accelerate else {}).get("num_processes", 1) or 1)
+    processes = launch_processes(cfg)
     if t.batch_size % (t.micro_batch_size * processes):
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.micro_batch_size="
                           f"{t.micro_batch_size} x {processes} process(es)")

@@ -135,14 +135,14 @@ def test_step_plan_is_a_seeded_partition_of_each_epoch():
 
     lengths = [5 + (i * 7) % 23 for i in range(24)]
     tcfg = {"batch_size": 8, "micro_batch_size": 2, "seed": 3, "group_by_length": False}
-    epoch = [i for s in range(3) for mb in step_plan(lengths, s, tcfg, 0, 1) for i in mb]
+    epoch = [i for s in range(3) for mb in step_plan(lengths, s, tcfg) for i in mb]
     assert sorted(epoch) == list(range(24))
-    assert step_plan(lengths, 1, tcfg, 0, 1) == step_plan(lengths, 1, tcfg, 0, 1)
-    ranks = [step_plan(lengths, 1, tcfg, r, 2) for r in range(2)]
-    assert sorted(i for r in ranks for mb in r for i in mb) == sorted(i for mb in step_plan(lengths, 1, tcfg, 0, 1)
+    assert step_plan(lengths, 1, tcfg) == step_plan(lengths, 1, tcfg)
+    ranks = [step_plan(lengths, 1, tcfg)[r::2] for r in range(2)]  # as the loop deals them
+    assert sorted(i for r in ranks for mb in r for i in mb) == sorted(i for mb in step_plan(lengths, 1, tcfg)
                                                                        for i in mb)
-    assert sorted(i for mb in step_plan(lengths, 3, tcfg, 0, 1) for i in mb) != epoch[:8]  # next epoch reshuffles
-    grouped = step_plan(lengths, 1, {**tcfg, "group_by_length": True}, 0, 1)
+    assert sorted(i for mb in step_plan(lengths, 3, tcfg) for i in mb) != epoch[:8]  # next epoch reshuffles
+    grouped = step_plan(lengths, 1, {**tcfg, "group_by_length": True})
     assert sorted(i for mb in grouped for i in mb) == sorted(epoch[8:16])  # same examples in the step
     flat = [lengths[i] for mb in grouped for i in mb]
     assert flat == sorted(flat, reverse=True)

@@ -84,13 +84,14 @@ def total_steps(n_examples: int, tcfg: dict[str, Any]) -> int:
     return tcfg["max_steps"] or max(1, math.floor(n_examples * tcfg["epochs"] / tcfg["batch_size"]))
 
 
-def step_plan(lengths: list[int], step: int, tcfg: dict[str, Any], rank: int, world: int) -> list[list[int]]:
-    """Example indices of this rank's micro-batches at optimizer ``step`` (0-based).
+def step_plan(lengths: list[int], step: int, tcfg: dict[str, Any]) -> list[list[int]]:
+    """Example indices of the micro-batches of optimizer ``step`` (0-based), all processes together;
+    process ``r`` of ``w`` takes ``plan[r::w]``.
 
     Step ``s`` takes examples ``[s*B, (s+1)*B)`` of a seeded permutation (a fresh one every epoch), so the
     plan is a pure function of the step and a resumed run sees exactly the batches it would have seen.
     ``group_by_length`` sorts the step's examples by length before cutting micro-batches (less padding,
-    same examples per step); micro-batches are dealt to ranks round-robin.
+    same examples per step).
     """
     n, batch, micro = len(lengths), tcfg["batch_size"], tcfg["micro_batch_size"]
     picked = []
@@ -99,8 +100,7 @@ def step_plan(lengths: list[int], step: int, tcfg: dict[str, Any], rank: int, wo
         picked.append(_epoch_order(n, tcfg["seed"] + epoch)[offset])
     if tcfg["group_by_length"]:
         picked.sort(key=lambda i: -lengths[i])
-    micro_batches = [picked[i:i + micro] for i in range(0, batch, micro)]
-    return micro_batches[rank::world]
+    return [picked[i:i + micro] for i in range(0, batch, micro)]
 
 
 @functools.lru_cache(maxsize=2)

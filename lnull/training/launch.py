@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from lnull.config import ConfigError
+from lnull.config import ConfigError, accumulation_steps
 
 ERROR_FILE = "error.txt"
 SUMMARY_FILE = "summary.json"
@@ -28,8 +28,7 @@ def accelerate_yaml(cfg: dict[str, Any]) -> dict[str, Any]:
     tcfg = cfg["train"]
     if launch.get("distributed_type") == "DEEPSPEED":
         ds = dict(launch.get("deepspeed_config") or {})
-        processes = int(launch.get("num_processes", 1))
-        ds.setdefault("gradient_accumulation_steps", tcfg["batch_size"] // (tcfg["micro_batch_size"] * processes))
+        ds.setdefault("gradient_accumulation_steps", accumulation_steps(cfg))
         ds.setdefault("gradient_clipping", float(tcfg["max_grad_norm"] or 0.0))
         launch["deepspeed_config"] = ds
     return launch

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lnull.config import ConfigError
+from lnull.config import ConfigError, accumulation_steps, launch_processes
 from lnull.training import checkpoint
 from lnull.training.data import EXAMPLES_FILE, collate, load_examples, step_plan, total_steps
 from lnull.training.model import ResponseLoss, assert_frozen, load_trainable
@@ -35,8 +35,7 @@ def make_accelerator(cfg: dict[str, Any], out_dir: Path) -> Any:
         precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
     if precision != "no" and not cuda:
         raise ConfigError(f"train.precision={precision} needs a CUDA device; use auto or no on CPU")
-    processes = int((cfg["accelerate"] or {}).get("launch", {}).get("num_processes", 1) or 1)
-    accum = tcfg["batch_size"] // (tcfg["micro_batch_size"] * processes)
+    processes = launch_processes(cfg)
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     kwargs = [InitProcessGroupKwargs(backend="gloo")] if launched and not cuda else []  # CPU DeepSpeed/DDP
     log_with = None
@@ -46,7 +45,7 @@ def make_accelerator(cfg: dict[str, Any], out_dir: Path) -> Any:
         log_with = "wandb"
     # Accelerate only enables DeepSpeed when cpu=False; on a CPU-only machine the gloo group above makes it work.
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true"
-    accelerator = Accelerator(gradient_accumulation_steps=accum, mixed_precision=precision,
+    accelerator = Accelerator(gradient_accumulation_steps=accumulation_steps(cfg), mixed_precision=precision,
                               cpu=not cuda and not deepspeed, kwargs_handlers=kwargs, log_with=log_with)
     if accelerator.num_processes != processes:
         raise ConfigError(f"accelerate.launch.num_processes={processes} but {accelerator.num_processes} process(es) "
@@ -108,8 +107,9 @@ def train_loop(cfg: dict[str, Any], out_dir: Path, init_dir: Path) -> dict[str, 
     start, start_tokens, last = time.perf_counter(), state["tokens"], None
     running, micro_steps = torch.zeros((), device=device), 0  # loss summed over the logging interval
     for step in range(state["step"], steps):
-        micro_batches = step_plan(lengths, step, tcfg, accelerator.process_index, accelerator.num_processes)
-        state["tokens"] += sum(lengths[i] for mb in step_plan(lengths, step, tcfg, 0, 1) for i in mb)  # all ranks
+        plan = step_plan(lengths, step, tcfg)
+        state["tokens"] += sum(lengths[i] for mb in plan for i in mb)  # every rank's share: no sync needed
+        micro_batches = plan[accelerator.process_index::accelerator.num_processes]  # dealt round-robin
         for idx in micro_batches:
             batch = collate([examples[i] for i in idx], pad_id)
             with accelerator.accumulate(wrapped):
@@ -182,9 +182,8 @@ def _save_result(accelerator: Any, wrapped: Any, info: dict[str, Any], init_dir:
     if zero3:
         import deepspeed
 
-        gather = deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad]
-                                                   + [p for n, p in model.named_parameters() if "lora_" in n],
-                                                   modifier_rank=0)
+        gather = deepspeed.zero.GatheredParameters([p for n, p in model.named_parameters() if "lora_" in n],
+                                                   modifier_rank=0)  # trained and frozen adapter parts
     with gather:
         if accelerator.is_main_process:
             if (init_dir / "adapter" / PROJECTIONS_FILE).exists():
