@@ -40,10 +40,13 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_model(path: str, dtype: str = "float32", device: str | torch.device = "cpu") -> Any:
+def load_model(path: str, dtype: str = "float32", device: str | torch.device = "cpu",
+               attn_implementation: Optional[str] = None) -> Any:
+    """Causal LM from ``path`` in ``dtype`` on ``device``, eval mode; ``attn_implementation`` None =
+    transformers' default (sdpa)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation=attn_implementation)
     return model.to(device).eval()
 
 

@@ -12,6 +12,7 @@ from lnull.config import ConfigError
 from lnull.data.prompts import IGNORE_INDEX
 from lnull.initialize import METHOD_FILE
 from lnull.methods.oplora import PROJECTIONS_FILE, attach_projections
+from lnull.modeling import load_model
 
 
 def load_trainable(init_dir: Path, dtype: str, attn_implementation: str = "sdpa") -> tuple[Any, dict[str, Any]]:
@@ -21,12 +22,7 @@ def load_trainable(init_dir: Path, dtype: str, attn_implementation: str = "sdpa"
     named in ``lnull_method.json`` (``frozen``, e.g. ``["lora_A"]`` for LoRA-Null v2 and LoRA-FA) frozen too;
     OPLoRA's projections are hook closures, never parameters.  Full fine-tuning: every weight trains.
     """
-    from transformers import AutoModelForCausalLM
-
-    from lnull.modeling import DTYPES
-
-    model = AutoModelForCausalLM.from_pretrained(str(init_dir / "base"), dtype=DTYPES[dtype],
-                                                 attn_implementation=attn_implementation)
+    model = load_model(str(init_dir / "base"), dtype, "cpu", attn_implementation)
     adapter = init_dir / "adapter"
     if not adapter.exists():
         model.requires_grad_(True)
