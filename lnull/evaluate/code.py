@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from lnull.config import ConfigError
 from lnull.evaluate.base import read_saved_rows
+from lnull.evaluate.registry import check_code_settings
 
 
 @dataclass(frozen=True)
@@ -180,9 +181,7 @@ def score(name: str, bench: dict[str, Any], ctx: Any) -> dict[str, Any]:
     if task_name not in TASKS:
         raise ConfigError(f"eval.benchmarks.{name}.task '{task_name}' is not one of {', '.join(TASKS)}")
     code = dict(ctx.eval_cfg["code"])
-    for key, low in (("n_samples", 1), ("workers", 1), ("max_length", 1), ("timeout_s", 1e-3), ("temperature", 0)):
-        if code[key] < low:
-            raise ConfigError(f"eval.code.{key} must be >= {low}, got {code[key]}")
+    check_code_settings(code)
     if code["backend"] == "bigcode":
         return score_bigcode(task_name, ctx)
     task = TASKS[task_name]

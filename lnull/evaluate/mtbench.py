@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import re
 import time
 import urllib.error
@@ -27,10 +26,10 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
-from urllib.parse import urlparse
 
 from lnull.config import ConfigError
 from lnull.evaluate.base import read_saved_rows
+from lnull.evaluate.registry import judge_key
 from lnull.data.sources import read_jsonl
 from lnull.modeling import cache_root
 from lnull.runs import atomic_write_json, atomic_write_text
@@ -111,11 +110,7 @@ class Judge:
 
     def __init__(self, url: str, model: str, key_env: str):
         self.url, self.model = url.rstrip("/"), model
-        local = (urlparse(self.url).hostname or "") in ("localhost", "127.0.0.1", "::1")
-        self.key = os.environ.get(key_env)
-        if not self.key and not local:
-            raise ConfigError(f"eval.mtbench.judge_url={url} needs an API key in the environment variable "
-                              f"{key_env} (eval.mtbench.judge_key_env), which is not set")
+        self.key = judge_key(url, key_env)
 
     def complete(self, messages: list[dict[str, str]], max_tokens: int = JUDGE_MAX_TOKENS,
                  timeout: float = JUDGE_TIMEOUT_S) -> str:

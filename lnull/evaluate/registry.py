@@ -10,7 +10,7 @@ import importlib
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 from urllib.parse import urlparse
 
 from lnull.config import ConfigError
@@ -67,19 +67,27 @@ def check_eval_config(ev: Any) -> None:
     if ev.code.backend == "bigcode" and not (ev.code.bigcode_path and Path(ev.code.bigcode_path).is_dir()):
         raise ConfigError(f"eval.code.backend=bigcode needs eval.code.bigcode_path, a bigcode-evaluation-harness "
                           f"checkout; got '{ev.code.bigcode_path}'")
-    if not 0.0 < ev.code.top_p <= 1.0:
-        raise ConfigError(f"eval.code.top_p must be in (0, 1], got {ev.code.top_p}")
-    for key in ("n_samples", "workers", "max_length"):
-        if getattr(ev.code, key) < 1:
-            raise ConfigError(f"eval.code.{key} must be >= 1, got {getattr(ev.code, key)}")
-    if ev.code.timeout_s <= 0 or ev.code.temperature < 0:
-        raise ConfigError(f"eval.code.timeout_s must be > 0 and temperature >= 0, got {ev.code.timeout_s} and "
-                          f"{ev.code.temperature}")
-    judged = ev.mtbench.judge_url and any(b.kind == "mtbench" for b in ev.benchmarks.values())
-    if judged and urlparse(ev.mtbench.judge_url).hostname not in ("localhost", "127.0.0.1", "::1") \
-            and not os.environ.get(ev.mtbench.judge_key_env):
-        raise ConfigError(f"eval.mtbench.judge_url={ev.mtbench.judge_url} needs its API key in the environment "
-                          f"variable {ev.mtbench.judge_key_env} (eval.mtbench.judge_key_env)")
+    check_code_settings(ev.code)
+    if ev.mtbench.judge_url and any(b.kind == "mtbench" for b in ev.benchmarks.values()):
+        judge_key(ev.mtbench.judge_url, ev.mtbench.judge_key_env)
+
+
+def check_code_settings(code: Any) -> None:
+    """ConfigError on an ``eval.code`` value that cannot work (checked at compose time and by the scorer)."""
+    for key, low in (("n_samples", 1), ("workers", 1), ("max_length", 1), ("timeout_s", 1e-3), ("temperature", 0)):
+        if code[key] < low:
+            raise ConfigError(f"eval.code.{key} must be >= {low}, got {code[key]}")
+    if not 0.0 < code["top_p"] <= 1.0:
+        raise ConfigError(f"eval.code.top_p must be in (0, 1], got {code['top_p']}")
+
+
+def judge_key(url: str, key_env: str) -> Optional[str]:
+    """The MT-Bench judge's API key from ``$key_env``; ConfigError when a non-local judge has none."""
+    key = os.environ.get(key_env)
+    if not key and (urlparse(url).hostname or "") not in ("localhost", "127.0.0.1", "::1"):
+        raise ConfigError(f"eval.mtbench.judge_url={url} needs an API key in the environment variable "
+                          f"{key_env} (eval.mtbench.judge_key_env), which is not set")
+    return key
 
 
 def check_benchmark_inputs(name: str, bench: dict[str, Any], cache_dir: Any) -> None:
