@@ -37,6 +37,22 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
+def _asset_file(spec: str, cache_dir: Optional[str]) -> Path:
+    """File of ``asset:<name>[/<split>]`` (split defaults to test); FileNotFoundError / ValueError as
+    ``lnull.assets.asset_path``."""
+    from lnull.assets import asset_path
+
+    name, _, split = spec[len("asset:"):].partition("/")
+    return asset_path(name, split or "test", cache_dir=cache_dir)
+
+
+def _local_file(spec: str, what: str = "dataset") -> Path:
+    path = Path(spec)
+    if not path.exists():
+        raise ConfigError(f"{what} '{spec}' not found: not a file, and not synthetic:/asset:/hub:")
+    return path
+
+
 def load_records(spec: str, cache_dir: Optional[str] = None, limit: Optional[int] = None) -> list[dict[str, Any]]:
     """Records named by ``spec`` (see module docstring), at most ``limit`` of them, in source order."""
     if spec.startswith("synthetic:"):
@@ -47,10 +63,7 @@ def load_records(spec: str, cache_dir: Optional[str] = None, limit: Optional[int
             raise ConfigError(f"bad synthetic dataset '{spec}'; use synthetic:<{'|'.join(GENERATORS)}>:<n>")
         rows = GENERATORS[parts[1]](int(parts[2]))
     elif spec.startswith("asset:"):
-        from lnull.assets import asset_path
-
-        name, _, split = spec[len("asset:"):].partition("/")
-        rows = read_jsonl(asset_path(name, split or "test", cache_dir=cache_dir))
+        rows = read_jsonl(_asset_file(spec, cache_dir))
     elif spec.startswith("hub:"):
         import datasets
 
@@ -59,9 +72,7 @@ def load_records(spec: str, cache_dir: Optional[str] = None, limit: Optional[int
         ds = datasets.load_dataset(path, config or None, split=split or "train")
         rows = [dict(r) for r in (ds.select(range(min(limit, len(ds)))) if limit else ds)]
     else:
-        path = Path(spec)
-        if not path.exists():
-            raise ConfigError(f"dataset '{spec}' not found: not a file, and not synthetic:/asset:/hub:")
+        path = _local_file(spec)
         rows = read_jsonl(path) if path.suffix == ".jsonl" else json.loads(path.read_text())
     return rows[:limit] if limit is not None else rows
 
@@ -81,16 +92,13 @@ def check_available(spec: str, cache_dir: Optional[str] = None, what: str = "dat
     if spec.startswith("synthetic:"):
         load_records(spec, cache_dir, 1)
     elif spec.startswith("asset:"):
-        from lnull.assets import asset_path
-
-        name, _, split = spec[len("asset:"):].partition("/")
         try:
-            asset_path(name, split or "test", cache_dir=cache_dir)
+            _asset_file(spec, cache_dir)
         except (FileNotFoundError, ValueError) as exc:
             raise ConfigError(f"{what} '{spec}': {exc}") from None
     elif spec.startswith("hub:"):
         if not hub_reachable():
             raise ConfigError(f"{what} '{spec}' needs the Hugging Face hub, which is not reachable (offline); "
                               "point it at a local jsonl file instead")
-    elif not Path(spec).exists():
-        raise ConfigError(f"{what} '{spec}' not found: not a file, and not synthetic:/asset:/hub:")
+    else:
+        _local_file(spec, what)
