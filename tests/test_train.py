@@ -290,3 +290,19 @@ def test_a_worker_error_reaches_the_parent_as_one_line(calibrated, monkeypatch):
     cfg, init_dir = _init(calibrated, "lora", "accelerate=cpu_ddp", "train.precision=bf16")
     with pytest.raises(ConfigError, match="train.precision=bf16 needs a CUDA device"):
         _train(cfg, init_dir, calibrated.root / "worker-error" / "train")
+
+
+def test_attention_and_clipping_options_take_effect(calibrated):
+    from lnull.training.model import load_trainable
+
+    cfg, init_dir = _init(calibrated, "lora", "train.max_steps=2")
+    model, _ = load_trainable(init_dir, "float32", "eager")
+    assert model.get_base_model().config._attn_implementation == "eager"
+    runs = {}
+    for clip in ("null", "1e-4"):
+        cfg, init_dir = _init(calibrated, "lora", "train.max_steps=2", f"train.max_grad_norm={clip}")
+        out = calibrated.root / "clip" / clip
+        _train(cfg, init_dir, out)
+        runs[clip] = _tensors(out / "adapter")
+    moved = {k: float((runs["null"][k] - runs["1e-4"][k]).abs().max()) for k in runs["null"]}
+    assert max(moved.values()) > 1e-4  # a tiny clip norm changes the update, so clipping is applied
