@@ -41,13 +41,22 @@ class MethodConfig:
     alpha: Optional[float] = None  # lora_alpha; None means alpha = rank (scale 1, as the official code)
     dropout: float = 0.0
     k: int = 16  # OPLoRA: number of top singular directions of W0 kept orthogonal
+    init_a: str = "gaussian"  # LoRA / LoRA-FA / OPLoRA: random A, gaussian (std 1/r) | kaiming_uniform (PEFT)
     damping: float = 0.01  # CorDA: starting damping of C (times mean diag), doubled until stable (as PEFT)
-    seed: int = 0
+    seed: int = 0  # random A: each layer draws from a generator seeded by (seed, module name)
 
 
 @dataclass
 class CalibrationConfig:
-    """Calibration text for activation statistics (``calibration.samples`` x ``calibration.seqlen`` tokens)."""
+    """Calibration text for activation statistics (``calibration.samples`` x ``calibration.seqlen`` tokens).
+
+    ``official``: the official LoRA-Null code's recipe (``lnull.calibrate`` docstring): windows of
+    10 x seqlen characters at random character offsets cut to ``seqlen`` tokens, one window per forward
+    (``batch_size`` must be 1), each window divided by ``max(x).abs()``, sum / 256, and the factors of
+    calibrated methods cast to fp16. ``dtype``: what the model runs in while calibrating (float32 by default,
+    whatever ``model.dtype`` is: bf16 activations rotate the null space; ``configs/calibration/official.yaml``
+    uses float16 as the official code).
+    """
 
     dataset: str = "nq_open"  # hub train split when online, offline dev split otherwise
     field: str = "question"
@@ -55,7 +64,8 @@ class CalibrationConfig:
     seqlen: int = 1024
     batch_size: int = 8
     seed: int = 233
-    official: bool = False  # per-sample divide by max activation, as the official code
+    official: bool = False
+    dtype: str = "float32"  # float32 | bfloat16 | float16
 
 
 @dataclass
@@ -241,8 +251,16 @@ def validate(cfg: DictConfig | LnullConfig) -> None:
     for stage in cfg.run.stages:
         if stage not in STAGES:
             raise ConfigError(f"unknown stage '{stage}' in run.stages; known: {', '.join(STAGES)}")
-    if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got '{cfg.model.dtype}'")
+    for key, value in (("model.dtype", cfg.model.dtype), ("calibration.dtype", cfg.calibration.dtype)):
+        if value not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"{key} must be float32, bfloat16 or float16, got '{value}'")
+    if cfg.calibration.official and cfg.calibration.batch_size != 1:
+        raise ConfigError(f"calibration.official=true runs one window per forward as the official code; set "
+                          f"calibration.batch_size=1 (got {cfg.calibration.batch_size})")
+    from lnull.methods.lora import A_INITS
+
+    if cfg.method.init_a not in A_INITS:
+        raise ConfigError(f"method.init_a must be one of {', '.join(A_INITS)}, got '{cfg.method.init_a}'")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device must be auto, cpu or cuda, got '{cfg.device}'")
     from lnull.evaluate.registry import check_eval_config

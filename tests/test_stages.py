@@ -41,17 +41,18 @@ def test_covariance_equals_explicit_xtx_and_shared_inputs_are_aliased(tiny_model
     assert col.alias["model.layers.1.self_attn.q_proj"] != col.alias["model.layers.0.self_attn.q_proj"]
 
 
-def test_official_normalisation_divides_each_sample_by_its_max(tiny_model):
+def test_max_normalized_statistic_divides_each_sample_by_the_abs_of_its_signed_max(tiny_model):
     model, _ = tiny_model
-    ids = torch.randint(3, 200, (2, 10), generator=torch.Generator().manual_seed(1))
-    plain = collect(model, ids[:1], ["o_proj"], 1, progress=False).cov["model.layers.0.self_attn.o_proj"]
-    norm = collect(model, ids[:1], ["o_proj"], 1, official=True, progress=False).cov["model.layers.0.self_attn.o_proj"]
+    ids = torch.randint(3, 200, (3, 10), generator=torch.Generator().manual_seed(1))
+    col = collect(model, ids, ["o_proj"], batch_size=3, progress=False)
     captured = []
     h = model.model.layers[0].self_attn.o_proj.register_forward_hook(lambda m, i, o: captured.append(i[0]))
-    model(input_ids=ids[:1])
+    model(input_ids=ids)
     h.remove()
-    peak = captured[0].abs().max().double()
-    torch.testing.assert_close(norm * peak**2, plain, rtol=1e-4, atol=1e-6)
+    x = captured[0].double()
+    expected = sum((s / s.max().abs()).T @ (s / s.max().abs()) for s in x)
+    torch.testing.assert_close(col.max_normalized["model.layers.0.self_attn.o_proj"], expected, rtol=1e-5, atol=1e-7)
+    assert col.samples["model.layers.0.self_attn.o_proj"] == 3
 
 
 def test_effective_rank_of_known_spectra():
@@ -123,7 +124,7 @@ def test_rank_deficient_covariance_warns_naming_the_module(tiny_cfg, tmp_path):
     (tmp_path / "cal").mkdir()
     (tmp_path / "init").mkdir()
     calibrate.run(cfg, tmp_path / "cal")  # 8 tokens: C has rank <= 8 of d_in = 64
-    with pytest.warns(UserWarning, match=r"model\.layers\.0\.self_attn\.q_proj: covariance has \d+ near-zero"):
+    with pytest.warns(UserWarning, match=r"model\.layers\.0\.self_attn\.q_proj: covariance has \d+ eigenvalues below"):
         initialize.run(cfg, tmp_path / "init", tmp_path / "cal")
     report = json.loads((tmp_path / "init" / "report.json").read_text())
     assert any(w.startswith("model.layers.1.mlp.down_proj: ") for w in report["warnings"])

@@ -1,12 +1,16 @@
 """CorDA (Yang et al.), as PEFT's ``peft/tuners/lora/corda.py``: SVD of W0 C, A from Vh C^-1.
 
+C is PEFT's statistic, whatever LoRA-Null uses: each calibration sample's activations divided by
+``max(x).abs()`` (the absolute value of the signed maximum), x^T x summed and divided by the number of
+samples -- calibration's ``max_normalized_covariance``. The plain sum x x^T weights long-tailed samples
+differently and moves BA by up to 0.67 relative on SmolLM2, so CorDA never reads it.
+
 KPM (knowledge-preserved) keeps the r smallest singular triples of W0 C, IPM (instruction-previewed) the r
 largest. Damping follows PEFT: C_fix = C + damp * mean(diag C) * I, with damp doubled until
 ||C_fix C_fix^-1 - I||_F < 0.05. PEFT starts at damp = 0.01 (hard-coded); here the start is
-``cfg.damping`` (default 0.01, PEFT's exact behaviour). The result is invariant to a
-global scale of C, so sum x x^T (lnull) and PEFT's per-sample-normalised mean give the same init only
-when the per-sample normalisation is uniform; PEFT's own hook divides each sample by max(x).abs().
-PEFT works in fp32; this runs in fp64 with deterministic singular-vector signs.
+``cfg.damping`` (default 0.01, PEFT's exact behaviour). PEFT works in fp32; this runs in fp64 with
+deterministic singular-vector signs (tests/test_methods.py runs PEFT's preprocess_corda in fp64 on the same
+windows and compares).
 """
 from __future__ import annotations
 
@@ -46,18 +50,20 @@ def _corda(W0: torch.Tensor, cov: Optional[torch.Tensor], rank: int, scale: floa
     return factor(U[:, keep], S[keep], (Vh @ inv)[keep], W0, scale)
 
 
-def init_corda_kpm(W0: torch.Tensor, cov: Optional[torch.Tensor], rank: int, scale: float, cfg: Any) -> LayerInit:
+def init_corda_kpm(W0: torch.Tensor, cov: Optional[torch.Tensor], rank: int, scale: float, cfg: Any,
+                   generator: Optional[torch.Generator] = None) -> LayerInit:
     """KPM: W0 [d_out, d_in] C_fix = U S Vh; B [d_out, r] = U_r sqrt(S_r/s), A [r, d_in] = sqrt(S_r/s) Vh_r C_fix^-1
     for the r smallest singular values; residual = W0 - s B A."""
     return _corda(W0, cov, rank, scale, cfg, smallest=True)
 
 
-def init_corda_ipm(W0: torch.Tensor, cov: Optional[torch.Tensor], rank: int, scale: float, cfg: Any) -> LayerInit:
+def init_corda_ipm(W0: torch.Tensor, cov: Optional[torch.Tensor], rank: int, scale: float, cfg: Any,
+                   generator: Optional[torch.Generator] = None) -> LayerInit:
     """IPM: as :func:`init_corda_kpm` with the r largest singular values."""
     return _corda(W0, cov, rank, scale, cfg, smallest=False)
 
 
-CORDA_KPM = register(Method("corda_kpm", init_corda_kpm, needs_calibration=True,
+CORDA_KPM = register(Method("corda_kpm", init_corda_kpm, statistic="max_normalized_covariance",
                             description="CorDA knowledge-preserved: smallest singular triples of W0 C"))
-CORDA_IPM = register(Method("corda_ipm", init_corda_ipm, needs_calibration=True,
+CORDA_IPM = register(Method("corda_ipm", init_corda_ipm, statistic="max_normalized_covariance",
                             description="CorDA instruction-previewed: largest singular triples of W0 C"))

@@ -46,3 +46,17 @@ def factor(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, W0: torch.Tensor,
     A = root.unsqueeze(1) * Vh.double()
     residual = W0.double() - scale * (B @ A)
     return LayerInit(A=A.float().contiguous(), B=B.float().contiguous(), residual=residual.float().contiguous())
+
+
+def captured_energy(A: torch.Tensor, C: torch.Tensor) -> float:
+    """Share of the activation energy in the row space of A [r, d_in], for C = X^T X [d_in, d_in]:
+    ||X Q||_F^2 / ||X||_F^2 = tr(Q^T C Q) / tr(C) with Q [d_in, r] an orthonormal basis of A's rows (fp64).
+
+    Scale-free (unlike ||X A^T||^2 / ||X||^2), in [0, 1]: 0 = A sees none of the calibration activations;
+    LoRA-Null reaches the minimum, the r smallest eigenvalues' share. Energy, not subspace angles, is what the
+    method minimises: at eigen-gaps of 1.004-1.05 near the cut, subspaces far apart in angle hold the same energy."""
+    Q = torch.linalg.qr(A.T.to(device=C.device, dtype=torch.float64)).Q
+    C = C.double()
+    total = float(torch.diagonal(C).sum())
+    # A subspace inside C's rounding noise can come out at -1e-9: clip to the physical range.
+    return min(1.0, max(0.0, float((Q * (C @ Q)).sum()) / total)) if total > 0 else 0.0

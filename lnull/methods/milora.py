@@ -9,7 +9,8 @@ from lnull.methods.base import LayerInit, Method, register
 from lnull.methods.linalg import factor, svd64
 
 
-def init_milora(W0: torch.Tensor, cov: Optional[torch.Tensor], rank: int, scale: float, cfg: Any) -> LayerInit:
+def init_milora(W0: torch.Tensor, cov: Optional[torch.Tensor], rank: int, scale: float, cfg: Any,
+                generator: Optional[torch.Generator] = None) -> LayerInit:
     """As PiSSA (fp64 thin SVD of W0 [d_out, d_in], scale folded into sqrt(S/s)) with the r smallest
     singular triples: B [d_out, r], A [r, d_in], residual = W0 - s B A."""
     U, S, Vh = svd64(W0)

@@ -54,11 +54,13 @@ def check_shape(shape: tuple[int, int], cfg: Any) -> None:
     check_k(int(cfg.k), int(cfg.rank), shape)
 
 
-def init_oplora(W0: torch.Tensor, cov: Optional[torch.Tensor], rank: int, scale: float, cfg: Any) -> LayerInit:
-    """As LoRA: A [r, d_in] kaiming-uniform, B [d_out, r] = 0, residual = W0 [d_out, d_in]; the projections
-    (:func:`write_init_extras`) make ΔW = P_U B A P_V. Raises ConfigError if k + r > min(d_out, d_in)."""
+def init_oplora(W0: torch.Tensor, cov: Optional[torch.Tensor], rank: int, scale: float, cfg: Any,
+                generator: Optional[torch.Generator] = None) -> LayerInit:
+    """As LoRA: A [r, d_in] random (``cfg.init_a``; the OPLoRA paper: kaiming-uniform), B [d_out, r] = 0,
+    residual = W0 [d_out, d_in]; the projections (:func:`write_init_extras`) make ΔW = P_U B A P_V.
+    Raises ConfigError if k + r > min(d_out, d_in)."""
     check_k(int(cfg.k), rank, tuple(W0.shape))
-    return init_lora(W0, cov, rank, scale, cfg)
+    return init_lora(W0, cov, rank, scale, cfg, generator)
 
 
 def top_singular_subspaces(W0: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,6 +177,6 @@ def rho_k(W0: torch.Tensor, W_eff: torch.Tensor, k: int) -> float:
     return float((U[:, :k].T @ delta).pow(2).sum()) / total if total > 0 else 0.0
 
 
-OPLORA = register(Method("oplora", init_oplora, needs_calibration=False, frozen=[],
+OPLORA = register(Method("oplora", init_oplora, frozen=[],
                          description="LoRA with ΔW = P_U B A P_V, orthogonal to W0's top-k singular subspaces",
                          check_shape=check_shape, write_extras=write_init_extras))
