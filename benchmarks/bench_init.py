@@ -34,14 +34,14 @@ def main() -> None:
         cal = Path(tmp, "calibration")
         cal.mkdir()
         start = time.perf_counter()
-        calibrate.run(base, cal)
+        calibrate.collect_into(base, cal)
         print(f"calibration: {time.perf_counter() - start:.1f}s", file=sys.stderr)
         for name in args.methods.split(","):
-            cfg = compose(overrides + ["progress=false", f"method.name={name}"])
+            cfg = compose(overrides + ["progress=false", f"method={name}"])
             out = Path(tmp, name)
             out.mkdir()
             start = time.perf_counter()
-            initialize.run(cfg, out, cal)
+            initialize.build(cfg, out, cal)
             stage = time.perf_counter() - start
             report = json.loads((out / "report.json").read_text())
             rows.append({"method": name, "init_seconds": round(report["seconds"], 3),

@@ -73,8 +73,8 @@ def main() -> None:
         calib.mkdir()
         init_dir.mkdir()
         if initialize.REGISTRY[cfg["method"]["name"]].needs_calibration:
-            calibrate.run(cfg, calib)
-        initialize.run(cfg, init_dir, calib)
+            calibrate.collect_into(cfg, calib)
+        initialize.build(cfg, init_dir, calib)
         tokenizer = load_tokenizer(str(init_dir / "base"))
         examples = build_examples(cfg, tokenizer)
         results = {name: time_variant(cfg, init_dir, examples, tokenizer.pad_token_id, args.steps, *VARIANTS[name])

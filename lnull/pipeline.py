@@ -1,91 +1,172 @@
-"""Chaining stages over a run folder: skip completed stages, resume the first incomplete one."""
+"""Running stages over a run: cache by key, lock, compute, publish, link the run's view.
+
+Every stage runs as ``run(cfg, ctx) -> summary`` with a :class:`StageContext`: ``ctx.out`` is the folder to
+write (the store's partial folder of the key, or the run-local ``<folder>.partial``), ``ctx.input(stage)``
+the completed output of an upstream stage, ``ctx.layout`` the run's paths and store.
+"""
 from __future__ import annotations
 
+import os
+import platform
+import shutil
+import subprocess
 import time
-from typing import Any, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
 
-from lnull.config import STAGES, ConfigError
-from lnull.runs import RunFolder, atomic_write_json, provenance
+from lnull.errors import ConfigError
+from lnull.io import atomic_write_json, read_json
+from lnull.layout import RunLayout
+from lnull.stages import BY_NAME, DEFAULT_CHAIN, Stage
+from lnull.store import MARKER
 
-
-def _calibrate(cfg, run: RunFolder, out):
-    from lnull import calibrate
-
-    return calibrate.run(cfg, out)
-
-
-def _init(cfg, run: RunFolder, out):
-    from lnull import initialize
-
-    return initialize.run(cfg, out, run.stage_dir("calibrate") if run.is_complete("calibrate") else None)
+Log = Callable[[str], None]
 
 
-def _train(cfg, run: RunFolder, out):
-    from lnull import train
+@dataclass
+class StageContext:
+    """What a stage's ``run(cfg, ctx)`` gets besides the config."""
 
-    return train.run(cfg, out, run.stage_dir("init"))
+    layout: RunLayout
+    stage: Stage
+    out: Path
+    log: Log = print
 
+    def input(self, stage: str) -> Path:
+        return self.layout.input(stage)
 
-def _evaluate(cfg, run: RunFolder, out):
-    from lnull import evaluate
-
-    return evaluate.run(cfg, out, run.path)
-
-
-STAGE_FUNCS: dict[str, Callable[[dict, RunFolder, Any], dict]] = {
-    "calibrate": _calibrate, "init": _init, "train": _train, "evaluate": _evaluate}
-# Stages whose outputs a stage reads; they must be complete first.
-NEEDS = {"calibrate": (), "init": ("calibrate",), "train": ("init",)}
-# evaluate reads the stage that produced each model it scores (base needs none).
-EVAL_NEEDS = {"base": (), "init": ("init",), "trained": ("init", "train")}
+    def maybe_input(self, stage: str) -> Optional[Path]:
+        return self.layout.maybe_input(stage)
 
 
-def needed_stages(stage: str, cfg: dict[str, Any]) -> list[str]:
-    if stage != "evaluate":
-        return list(NEEDS[stage])
-    # a model path or hub name needs nothing from the run
-    return sorted({s for which in cfg["eval"]["models"] for s in EVAL_NEEDS.get(which, ())}, key=STAGES.index)
+def chain(cfg: dict[str, Any]) -> list[str]:
+    """The stages ``lnull run`` chains: ``run.stages`` or the default calibrate, init, train, evaluate."""
+    return list(cfg["run"].get("stages") or DEFAULT_CHAIN)
 
 
-def run_stage(run: RunFolder, stage: str, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run one stage unless complete for the current config; stale outputs and later stages are dropped."""
-    if run.is_complete(stage):
-        log(f"[{stage}] cached: {run.stage_dir(stage)}")
+def run_stage(layout: RunLayout, name: str, log: Log = print) -> dict[str, Any]:
+    """Run one stage for the layout's config unless its output for this key exists; link the run's view."""
+    stage, cfg = BY_NAME[name], layout.cfg
+    if layout.is_complete(name):
+        if stage.stored:
+            layout.link(name)
+        log(f"[{name}] cached: {layout.view(name)}")
         return {"cached": True}
-    missing = [s for s in needed_stages(stage, run.cfg) if not run.is_complete(s)]
+    missing = [s for s in stage.reads(cfg) if not layout.is_complete(s)]
     if missing:
-        raise ConfigError(f"stage '{stage}' needs '{missing[0]}' first: run `lnull {missing[0]}` or `lnull run`")
-    dropped = run.invalidate_from(stage) if run.stage_dir(stage).exists() else []
-    if dropped:
-        log(f"[{stage}] config changed: removed {', '.join(dropped)}")
+        raise ConfigError(f"stage '{name}' needs '{missing[0]}' first: run `lnull {missing[0]}` or `lnull run`")
     start = time.perf_counter()
-    summary = STAGE_FUNCS[stage](run.cfg, run, run.begin(stage))
-    summary = {**summary, "wall_seconds": round(time.perf_counter() - start, 3)}
-    run.publish(stage, summary)
-    log(f"[{stage}] done in {summary['wall_seconds']:.1f}s: {run.stage_dir(stage)}")
+    identity = {"provenance": provenance()}
+    if not stage.always:
+        identity.update(layout.keys.record(name))
+
+    def produce(out: Path) -> dict[str, Any]:
+        summary = stage.function()(cfg, StageContext(layout, stage, out, log))
+        return {**summary, "wall_seconds": round(time.perf_counter() - start, 3)}
+
+    if stage.always:
+        out = Path(stage.output_dir(cfg))
+        summary = produce(out)
+        log(f"[{name}] done in {summary['wall_seconds']:.1f}s: {out}")
+        return summary
+    if stage.stored:
+        _, marker = layout.store.compute(stage.folder, layout.keys[name], produce, identity, log)
+        layout.link(name)
+        if marker is None:
+            log(f"[{name}] cached: {layout.view(name)} (computed by another process)")
+            return {"cached": True}
+        summary = marker["summary"]
+    else:
+        summary = _run_local(layout, stage, produce, identity)
+    log(f"[{name}] done in {summary['wall_seconds']:.1f}s: {layout.view(name)}")
     return summary
 
 
-def _check_inputs(cfg: dict[str, Any], run: RunFolder, stages: list[str]) -> None:
+def _run_local(layout: RunLayout, stage: Stage, produce: Callable[[Path], dict], identity: dict) -> dict[str, Any]:
+    """A run-local stage: work in ``<folder>.partial`` under the run's lock, publish by one rename (or return
+    the summary another process published while this one waited for the lock)."""
+    with layout.store.lock(stage.folder, f"run-{layout.dir.resolve().name}"):
+        if layout.is_complete(stage.name):
+            return {**read_json(layout.view(stage.name) / MARKER)["summary"], "cached": True}
+        partial, final = layout.partial(stage.name), layout.view(stage.name)
+        partial.mkdir(parents=True, exist_ok=True)
+        summary = produce(partial)
+        atomic_write_json(partial / MARKER, {**identity, "summary": summary})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+    return summary
+
+
+def check_inputs(layout: RunLayout, stages: list[str]) -> None:
     """Data the pending stages will read is here (before hours of calibration and training, not after)."""
     from lnull.data.sources import check_available
 
-    if "train" in stages and not run.is_complete("train"):
+    cfg = layout.cfg
+    if "train" in stages and not layout.is_complete("train"):
         check_available(cfg["task"]["dataset"], cfg.get("cache_dir"), "task.dataset")
-    if "evaluate" in stages and not run.is_complete("evaluate"):
+    if "evaluate" in stages:
         from lnull.evaluate.registry import check_benchmark_inputs
 
         for name, bench in cfg["eval"]["benchmarks"].items():
             check_benchmark_inputs(name, bench, cfg.get("cache_dir"))
 
 
-def run_pipeline(cfg: dict[str, Any], stages: list[str] | None = None,
-                 log: Callable[[str], None] = print) -> RunFolder:
-    """Run ``stages`` (default ``run.stages``) in order on the config's run folder."""
-    stages = stages or [s for s in STAGES if s in cfg["run"]["stages"]]
-    run = RunFolder.for_config(cfg)
-    _check_inputs(cfg, run, stages)
-    atomic_write_json(run.path / "provenance.json", provenance())
-    for stage in stages:
-        run_stage(run, stage, log)
-    return run
+def run_pipeline(cfg: dict[str, Any], stages: Optional[list[str]] = None, log: Log = print) -> RunLayout:
+    """Run ``stages`` (default: :func:`chain`) in order on the config's run folder. ``lnull run`` (no
+    ``stages``) skips stages that do not apply (calibration for a method that reads no statistic)."""
+    explicit = stages is not None
+    names = list(stages) if explicit else chain(cfg)
+    for name in names:
+        if name not in BY_NAME:
+            raise ConfigError(f"unknown stage '{name}'; known: {', '.join(BY_NAME)}")
+    if all(BY_NAME[n].always for n in names):  # e.g. `lnull table`: reads other runs, makes no run folder
+        layout = RunLayout(cfg)
+        for name in names:
+            run_stage(layout, name, log)
+        return layout
+    layout = RunLayout.create(cfg)
+    if not explicit:
+        skipped = [n for n in names if not BY_NAME[n].applies(layout.cfg)]
+        for name in skipped:
+            log(f"[{name}] not needed: method '{layout.cfg['method']['name']}' reads no calibration statistic")
+        names = [n for n in names if n not in skipped]
+    check_inputs(layout, names)
+    layout.drop_stale_views(log)
+    atomic_write_json(layout.dir / "provenance.json", provenance())
+    try:
+        for name in names:
+            run_stage(layout, name, log)
+    finally:
+        layout.store.add_ref(layout.dir, layout.used())
+    return layout
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance() -> dict[str, Any]:
+    """Package versions, git commit and device of this process."""
+    from importlib import metadata
+
+    import torch
+
+    versions = {}
+    for pkg in ("lnull", "torch", "transformers", "peft", "accelerate", "datasets", "hydra-core", "lm_eval",
+                "deepspeed", "safetensors", "numpy"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    device = {"cuda": torch.cuda.is_available(), "cpu_count": os.cpu_count(), "platform": platform.platform()}
+    if torch.cuda.is_available():
+        device["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {"versions": versions, "git_commit": _git_commit(), "python": platform.python_version(),
+            "device": device}

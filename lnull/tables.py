@@ -1,28 +1,36 @@
-"""Stage `table`: paper-style tables built only from runs' ``eval/results.json``."""
+"""Stage `table`: paper-style tables built only from runs' validated result records (``eval/results.json``)."""
 from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 from typing import Any
 
-from lnull.config import ConfigError
-from lnull.runs import atomic_write_text
+from lnull.errors import ConfigError
+from lnull.io import atomic_write_text, read_json
+from lnull.records import read_results
+
+
+def run_folders(root: Path) -> list[Path]:
+    """Run folders under ``root`` (those holding a ``config.yaml``; the store and anything else are skipped)."""
+    return sorted(p for p in Path(root).glob("*") if (p / "config.yaml").is_file())
 
 
 def collect_results(run_dirs: list[Path]) -> list[dict[str, Any]]:
-    """One row per (run, evaluated model, benchmark)."""
+    """One row per (run, evaluated model, benchmark), its identity read from the record itself."""
     rows = []
     for run in run_dirs:
         path = run / "eval" / "results.json"
         if not path.exists():
             continue
-        data = json.loads(path.read_text())
-        for rec in data["results"]:
-            rows.append({"run": run.name, "experiment": data["experiment"], "method": data["method"],
-                         "rank": data["rank"], "model": rec["model"], "benchmark": rec["benchmark"],
-                         "value": rec["value"], "n": rec["n"]})
+        experiment = read_json(path).get("experiment", run.name)
+        for rec in read_results(path):
+            method, cal = rec.method, rec.calibration
+            rows.append({"run": run.name, "experiment": experiment,
+                         "method": method.name if method else "pre-trained",
+                         "rank": "" if method is None or method.rank is None else str(method.rank),
+                         "calibration": str(cal.samples) if cal else "", "model": rec.model,
+                         "benchmark": rec.benchmark, "value": rec.value, "stderr": rec.stderr, "n": rec.n})
     return rows
 
 
@@ -31,13 +39,18 @@ def fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
+ROW_KEYS = ["experiment", "method", "rank", "calibration", "model"]
+
+
 def pivot(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """Rows = (experiment, method, rank, model), columns = benchmarks, cells = value (2 decimals)."""
+    """Rows = (experiment, method, rank, calibration samples, model), columns = benchmarks, cells = value
+    (2 decimals). Runs that differ only in calibration size stay distinct rows; the base model scored by
+    several runs is one row per experiment."""
     benches = sorted({r["benchmark"] for r in rows})
     table: dict[tuple, dict[str, float]] = {}
     for r in rows:
-        table.setdefault((r["experiment"], r["method"], str(r["rank"]), r["model"]), {})[r["benchmark"]] = r["value"]
-    header = ["experiment", "method", "rank", "model"] + benches
+        table.setdefault(tuple(r[k] for k in ROW_KEYS), {})[r["benchmark"]] = r["value"]
+    header = ROW_KEYS + benches
     body = [list(key) + [fmt(cells[b]) if b in cells else "" for b in benches] for key, cells in sorted(table.items())]
     return header, body
 
@@ -49,27 +62,35 @@ def to_markdown(header: list[str], body: list[list[str]]) -> str:
 
 def to_latex(header: list[str], body: list[list[str]]) -> str:
     esc = lambda s: s.replace("_", r"\_")  # noqa: E731
-    lines = [r"\begin{tabular}{" + "l" * 4 + "r" * (len(header) - 4) + "}", r"\toprule",
+    lines = [r"\begin{tabular}{" + "l" * len(ROW_KEYS) + "r" * (len(header) - len(ROW_KEYS)) + "}", r"\toprule",
              " & ".join(map(esc, header)) + r" \\", r"\midrule"]
     lines += [" & ".join(map(esc, row)) + r" \\" for row in body]
     return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"]) + "\n"
 
 
 def build_tables(cfg: dict[str, Any]) -> list[Path]:
-    """Write ``<out_dir>/<name>.{md,tex,csv}``; return the paths."""
+    """`lnull table`: ``<table.out_dir>/<table.name>.{md,tex,csv}``; return the paths."""
+    from lnull.pipeline import run_pipeline
+
+    run_pipeline(cfg, stages=["table"])
+    out = Path(cfg["table"]["out_dir"])
+    return [out / f"{cfg['table']['name']}.{ext}" for ext in ("md", "tex", "csv")]
+
+
+def run(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """Stage entry: write the table of ``table.runs`` (default: every run under ``run.root``) into ``ctx.out``."""
     tcfg = cfg["table"]
     root = Path(cfg["run"]["root"])
-    run_dirs = [Path(p) for p in tcfg["runs"]] or sorted(p for p in root.glob("*") if p.is_dir())
+    run_dirs = [Path(p) for p in tcfg["runs"]] or run_folders(root)
     rows = collect_results(run_dirs)
     if not rows:
         raise ConfigError(f"no eval results found in {', '.join(map(str, run_dirs)) or root}")
     header, body = pivot(rows)
-    out = Path(tcfg["out_dir"])
     buf = io.StringIO()
     csv.writer(buf).writerows([header] + body)
     paths = []
     for ext, text in (("md", to_markdown(header, body)), ("tex", to_latex(header, body)), ("csv", buf.getvalue())):
-        path = out / f"{tcfg['name']}.{ext}"
+        path = Path(ctx.out) / f"{tcfg['name']}.{ext}"
         atomic_write_text(path, text)
-        paths.append(path)
-    return paths
+        paths.append(str(path))
+    return {"rows": len(body), "paths": paths}

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lnull.config import ConfigError
+from lnull.errors import ConfigError
 from lnull.training.data import EXAMPLES_FILE, build_examples, save_examples
 
 
@@ -29,9 +29,14 @@ def prepare_examples(cfg: dict[str, Any], out_dir: Path, init_dir: Path) -> Path
     return path
 
 
-def run(cfg: dict[str, Any], out_dir: Path, init_dir: Path) -> dict[str, Any]:
+def run(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """Stage entry: :func:`train_into` ``ctx.out`` from the run's init."""
+    return train_into(cfg, ctx.out, ctx.input("init"))
+
+
+def train_into(cfg: dict[str, Any], out_dir: Path, init_dir: Path) -> dict[str, Any]:
     """Train ``init_dir`` into ``out_dir`` (the stage's partial folder); returns the summary for complete.json
-    (steps, losses, tokens, seconds, steps/s, tokens/s, processes, distributed type)."""
+    (steps, losses, trainable parameters, tokens, seconds, steps/s, tokens/s, processes, distributed type)."""
     if cfg["train"]["wandb"] == "online" and not (os.environ.get("WANDB_API_KEY") or _wandb_logged_in()):
         raise ConfigError("train.wandb=online but no wandb key (set WANDB_API_KEY or `wandb login`); "
                           "use train.wandb=offline to log locally")
@@ -72,7 +77,7 @@ def main(argv: list[str]) -> None:
     """Worker entry of ``accelerate launch``: ``python -m lnull.train <config.yaml> <out_dir> <init_dir>``."""
     import yaml
 
-    from lnull.runs import atomic_write_json, atomic_write_text
+    from lnull.io import atomic_write_json, atomic_write_text
     from lnull.training.launch import ERROR_FILE, SUMMARY_FILE
     from lnull.training.loop import train_loop
 

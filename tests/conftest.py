@@ -52,11 +52,12 @@ def tiny_base_context(tiny_cfg, tmp_path):
     """``make(*overrides) -> (cfg, EvalContext)`` of the tiny base model, scratch folder ``tmp_path/work``."""
     from lnull.evaluate import load_for_eval
     from lnull.evaluate.base import EvalContext
+    from lnull.layout import RunLayout
 
     def make(*overrides: str):
         cfg = tiny_cfg(*overrides)
-        model, tok, identity = load_for_eval(cfg, tmp_path / "run", "base", "cpu")
-        ctx = EvalContext(model, tok, cfg, "base", identity, tmp_path / "work")
+        model, tok, (base, adapter, identity) = load_for_eval(cfg, RunLayout(cfg), "base", "cpu")
+        ctx = EvalContext(model, tok, cfg, "base", identity, tmp_path / "work", base, adapter)
         ctx.work_dir.mkdir()
         return cfg, ctx
     return make

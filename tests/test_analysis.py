@@ -90,11 +90,11 @@ def analysed(tmp_path_factory):
     out = {}
     for method in METHODS:
         cfg = compose(["+experiment=tiny", f"run.root={root}", "progress=false", "train.max_steps=2",
-                       f"method.name={method}"])
+                       f"method={method}"])
         run = run_pipeline(cfg, stages=["calibrate", "init", "train"], log=lambda m: None)
         paths = run_analysis(cfg)
         assert paths[-1].name == "summary.json" and all(p.exists() for p in paths)
-        out[method] = (cfg, run.path / "analysis", json.loads(paths[-1].read_text()))
+        out[method] = (cfg, run.dir / "analysis", json.loads(paths[-1].read_text()))
     return out
 
 
@@ -177,17 +177,24 @@ def test_relative_change_marks_zero_B0_and_frozen_A(analysed):
     assert all(float(r["value"]) > 0.0 for r in v2 if r["matrix"] == "B")
 
 
+def _copy_of(analysed_run, tmp_path):
+    """(cfg, run dir) of a copy of an analysed run and its store, without its analysis: the copy's stored
+    train adapter can be replaced by a hand-made one."""
+    cfg, folder, _ = analysed_run
+    copy = tmp_path / "copy"
+    shutil.copytree(folder.parent.parent, copy, symlinks=True)  # the runs and the store beside them
+    shutil.rmtree(copy / folder.parent.name / "analysis")
+    return {**cfg, "run": {**cfg["run"], "root": str(copy)}}, copy / folder.parent.name
+
+
 def test_hand_made_trained_adapter_gives_known_changes_and_rho(analysed, tmp_path):
     """Replace PiSSA's trained adapter by A* = 1.1 A0, B* = 0.5 B0: changes 0.1 and 0.5; the update
     dW = s (0.55 - 1) B0 A0 lies in W0's top-r (r = 4 <= k = 16) left singular space, so rho_k = 1."""
-    cfg, folder, _ = analysed["pissa"]
-    run_dir = tmp_path / "copy"
-    shutil.copytree(folder.parent, run_dir)
-    shutil.rmtree(run_dir / "analysis")
+    cfg, run_dir = _copy_of(analysed["pissa"], tmp_path)
     init = load_file(str(run_dir / "init" / "adapter" / "adapter_model.safetensors"))
     edited = {k: (1.1 if ".lora_A." in k else 0.5) * v for k, v in init.items()}
     save_file(edited, str(run_dir / "train" / "adapter" / "adapter_model.safetensors"))
-    run_analysis({**cfg, "run": {**cfg["run"], "dir": str(run_dir)}})
+    run_analysis(cfg)
     for row in _rows(run_dir / "analysis" / "relative_change.csv"):
         assert row["kind"] == "relative"
         assert float(row["value"]) == pytest.approx(0.1 if row["matrix"] == "A" else 0.5, rel=1e-5)
@@ -195,7 +202,7 @@ def test_hand_made_trained_adapter_gives_known_changes_and_rho(analysed, tmp_pat
 
 
 def test_rho_k_is_zero_for_oplora_and_not_for_lora(analysed):
-    """OPLoRA keeps the update out of W0's top-k left singular space (k = method.k = 16)."""
+    """OPLoRA keeps the update out of W0's top-k left singular space (k = method.k = analysis.k = 16)."""
     oplora = _rows(analysed["oplora"][1] / "rho_k.csv")
     lora = _rows(analysed["lora"][1] / "rho_k.csv")
     assert all(float(r["rho_k"]) < 1e-8 and float(r["delta_norm"]) > 0 for r in oplora)
@@ -205,14 +212,12 @@ def test_rho_k_is_zero_for_oplora_and_not_for_lora(analysed):
 def test_unbaked_oplora_adapter_is_projected_before_rho_k(analysed, tmp_path):
     """A trained OPLoRA adapter saved without baking (raw A, B) still yields rho_k = 0: the analysis
     applies P_U, P_V from init/adapter/oplora_projections.safetensors."""
-    cfg, folder, _ = analysed["oplora"]
-    run_dir = tmp_path / "copy"
-    shutil.copytree(folder.parent, run_dir)
+    cfg, run_dir = _copy_of(analysed["oplora"], tmp_path)
     gen = torch.Generator().manual_seed(0)
     init = load_file(str(run_dir / "init" / "adapter" / "adapter_model.safetensors"))
     raw = {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in init.items()}
     save_file(raw, str(run_dir / "train" / "adapter" / "adapter_model.safetensors"))
-    run_analysis({**cfg, "run": {**cfg["run"], "dir": str(run_dir)}})
+    run_analysis(cfg)
     assert all(float(r["rho_k"]) < 1e-8 for r in _rows(run_dir / "analysis" / "rho_k.csv"))
 
 

@@ -9,7 +9,7 @@ from lnull.cli import STAGE_HELP
 
 def test_help_lists_every_stage_with_one_line():
     proc = lnull("--help", check=True)
-    for stage in ("run", "calibrate", "init", "train", "evaluate", "table", "analyze", "assets"):
+    for stage in ("run", "calibrate", "init", "train", "evaluate", "export", "table", "analyze", "assets", "store"):
         assert stage in STAGE_HELP
         assert any(line.split()[:1] == [stage] for line in proc.stdout.splitlines()), stage
 
@@ -20,7 +20,7 @@ def _error_line(proc) -> str:
 
 
 @pytest.mark.parametrize("args, needle", [
-    (("frobnicate",), "unknown stage 'frobnicate'"),
+    (("frobnicate",), "unknown command 'frobnicate'"),
     (("run", "+experiment=nosuch"), "nosuch"),
     (("run", "+experiment=tiny", "method.rnak=8"), "rnak"),
     (("run", "+experiment=tiny", "method=nosuch"), "nosuch"),

@@ -7,7 +7,8 @@ import pytest
 
 from lnull.cli import CONFIG_DIR, compose
 from lnull.config import ConfigError
-from lnull.runs import default_run_dir, stage_fingerprints
+from lnull.layout import default_run_dir
+from lnull.stages import StageKeys
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 
@@ -53,11 +54,38 @@ def test_run_dir_is_stable_and_ignores_eval_and_run_keys(tmp_path):
     assert Path(default_run_dir(a)).name.startswith("tiny-")
 
 
-def test_fingerprints_chain_so_a_change_invalidates_later_stages_only():
-    a = stage_fingerprints(compose(["+experiment=tiny"]))
-    b = stage_fingerprints(compose(["+experiment=tiny", "train.lr=0.1"]))
+def test_keys_chain_so_a_change_invalidates_later_stages_only():
+    a = StageKeys(compose(["+experiment=tiny", "method=lora_null_v1"]))
+    b = StageKeys(compose(["+experiment=tiny", "method=lora_null_v1", "train.lr=0.1"]))
+    c = StageKeys(compose(["+experiment=tiny", "method=lora_null_v1", "calibration.samples=8"]))
     assert a["calibrate"] == b["calibrate"] and a["init"] == b["init"]
-    assert a["train"] != b["train"] and a["evaluate"] != b["evaluate"]
+    assert a["train"] != b["train"] and a["export"] != b["export"] and a["evaluate"] != b["evaluate"]
+    assert a["calibrate"] != c["calibrate"] and a["init"] != c["init"] and a["train"] != c["train"]
+
+
+def test_keys_hash_exactly_what_a_stage_reads():
+    base = ["+experiment=tiny", "method=lora_null_v1"]
+    a = StageKeys(compose(base))
+    # a rank sweep and v1/v2 share one calibration; resource and logging knobs change no key
+    for extra in (["method.rank=2"], ["method=lora_null_v2"], ["method=corda_kpm"],
+                  ["calibration.device_budget_gb=1"], ["train.log_every=5", "train.checkpoint_every=3"]):
+        other = StageKeys(compose(base + extra))
+        assert other["calibrate"] == a["calibrate"], extra
+    assert StageKeys(compose(base + ["train.log_every=5"]))["train"] == a["train"]
+    # methods without calibration do not depend on it; full fine-tuning does not depend on rank
+    lora = [StageKeys(compose(["+experiment=tiny", "method=lora", *x])) for x in ([], ["calibration.samples=8"])]
+    assert lora[0]["init"] == lora[1]["init"]
+    full = [StageKeys(compose(["+experiment=tiny", "method=full", f"method.rank={r}"])) for r in (2, 4)]
+    assert full[0]["init"] == full[1]["init"]
+
+
+def test_method_options_exist_only_on_their_method():
+    assert compose(["+experiment=tiny", "method=oplora", "method.k=4"])["method"]["k"] == 4
+    assert compose(["+experiment=tiny", "method=corda_kpm"])["method"]["damping"] == 0.01
+    for method, option in (("lora", "k"), ("pissa", "damping"), ("lora_null_v1", "seed"), ("corda_kpm", "k")):
+        with pytest.raises(Exception, match=option):
+            compose(["+experiment=tiny", f"method={method}", f"method.{option}=1"])
+        assert option not in compose(["+experiment=tiny", f"method={method}"])["method"]
 
 
 METHOD_CONFIGS = sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml"))

@@ -170,7 +170,8 @@ def test_score_runs_on_the_tiny_model(tiny_base_context, tmp_path):
                                  "eval.code.max_length=300")
     rec = score_one("humaneval", cfg["eval"]["benchmarks"]["humaneval"], ctx)
     assert rec["metric"] == "pass@1" and rec["n"] == 2 and 0.0 <= rec["value"] <= 100.0
-    assert rec["kind"] == "code" and rec["settings"]["max_length"] == 300 and len(rec["examples"]) == 2
+    assert rec["kind"] == "code" and rec["settings"]["max_length"] == 300 and len(rec["details"]["examples"]) == 2
+    assert rec["stderr"] is not None  # binomial, over the problems
     assert len(next(ctx.work_dir.glob("generations-*.jsonl")).read_text().splitlines()) == 2
 
 

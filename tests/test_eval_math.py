@@ -154,8 +154,9 @@ def test_score_runs_on_the_tiny_model(tiny_base_context, tmp_path):
                                  "eval.benchmarks.gsm8k.max_new_tokens=8")
     rec = score_one("gsm8k", cfg["eval"]["benchmarks"]["gsm8k"], ctx)
     assert rec["metric"] == "accuracy" and rec["n"] == 2 and 0.0 <= rec["value"] <= 100.0
-    assert rec["kind"] == "math" and rec["settings"]["max_new_tokens"] == 8 and len(rec["examples"]) == 2
-    assert rec["fallback_accepted"] >= 0 and rec["examples"][1]["gold"] == "3"
+    details = rec["details"]  # everything the scorer reports beyond the record's core fields
+    assert rec["kind"] == "math" and rec["settings"]["max_new_tokens"] == 8 and len(details["examples"]) == 2
+    assert details["fallback_accepted"] >= 0 and details["examples"][1]["gold"] == "3"
     assert len((ctx.work_dir / "completions.jsonl").read_text().splitlines()) == 2
 
 

@@ -280,7 +280,11 @@ def test_vllm_call_mapping(fake_vllm, tiny_cfg, tiny_model, tmp_path):
     cfg = tiny_cfg()
     cfg["eval"]["engine"], cfg["eval"]["seed"] = "vllm", 5
     tok = tiny_model[1]
-    ctx = EvalContext(None, tok, cfg, "trained", str(adapter), tmp_path / "work")
+    from lnull.evaluate import model_source
+    from lnull.layout import RunLayout
+
+    base, adapter_path, identity = model_source(RunLayout(cfg), str(adapter))  # a run's adapter: its residual base
+    ctx = EvalContext(None, tok, cfg, "trained", identity, tmp_path / "work", base, adapter_path)
     outs = ctx.generate(["hello world", "abc"], 7, stop=[" STOP"], temperature=0.7, top_p=0.9, max_length=10)
     assert outs == ["out0", "out1"]
     (init_kwargs,) = fake_vllm["llm"]
@@ -295,7 +299,8 @@ def test_vllm_call_mapping(fake_vllm, tiny_cfg, tiny_model, tmp_path):
     assert call["lora"].args == (str(adapter), 1, str(adapter))
     # a plain model folder: a new engine without LoRA, greedy, no BOS when add_bos is off
     cfg["model"]["add_bos"] = False
-    plain = EvalContext(None, tok, cfg, "base", str(run / "init" / "base"), tmp_path / "work")
+    plain = EvalContext(None, tok, cfg, "base", str(run / "init" / "base"), tmp_path / "work",
+                        str(run / "init" / "base"))
     plain.generate(["abc"], 3)
     assert len(fake_vllm["llm"]) == 2 and "enable_lora" not in fake_vllm["llm"][1]
     last = fake_vllm["generate"][-1]

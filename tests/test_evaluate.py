@@ -3,10 +3,13 @@ that survive a killed run, combined eval configs, any model folder."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
 from lnull.config import ConfigError
+from lnull.layout import RunLayout
+from lnull.pipeline import run_pipeline
 
 
 def test_combined_eval_configs_merge():
@@ -33,8 +36,10 @@ def test_missing_data_or_task_fails_before_any_model_loads(bench, message, tiny_
     full = {"question_field": "question", "answer_field": "answer", "max_new_tokens": 4, "prompt": None,
             "num_fewshot": 0, "task": None, **bench}
     cfg["eval"]["benchmarks"] = {"probe": full}
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("`", ".")):
-        evaluate.run(cfg, tmp_path / "eval.partial", tmp_path / "run")
+    for check in (lambda: run_pipeline(cfg, stages=["evaluate"]),  # before the first stage, and in the stage
+                  lambda: evaluate.run(cfg, SimpleNamespace(layout=RunLayout(cfg), out=tmp_path, log=print))):
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("`", ".")):
+            check()
 
 
 def test_killed_evaluation_resumes_at_the_first_unscored_benchmark(tiny_cfg, monkeypatch, tmp_path):
@@ -44,7 +49,6 @@ def test_killed_evaluation_resumes_at_the_first_unscored_benchmark(tiny_cfg, mon
     cfg = tiny_cfg("eval.models=[base]", "eval.limit=2")
     bench = dict(cfg["eval"]["benchmarks"]["synthetic_facts"])
     cfg["eval"]["benchmarks"] = {"first": bench, "second": bench}
-    out = tmp_path / "eval.partial"
     real, calls = qa.score, []
 
     def dies_on_second(name, *args):
@@ -55,30 +59,30 @@ def test_killed_evaluation_resumes_at_the_first_unscored_benchmark(tiny_cfg, mon
 
     monkeypatch.setattr(qa, "score", dies_on_second)
     with pytest.raises(KeyboardInterrupt):
-        evaluate.run(cfg, out, tmp_path / "run")
-    assert (out / "base" / "first.json").exists() and not (out / "base" / "second.json").exists()
-    summary = evaluate.run(cfg, out, tmp_path / "run")
+        run_pipeline(cfg, stages=["evaluate"], log=lambda m: None)
+    layout = RunLayout(cfg)
+    assert len(list((layout.store.root / "eval").glob("*.json"))) == 1  # first's record, stored as it finished
+    run_pipeline(cfg, stages=["evaluate"], log=lambda m: None)
     assert calls == ["first", "second", "second"]  # first was not scored again
-    results = json.loads((out / "results.json").read_text())["results"]
-    assert [r["benchmark"] for r in results] == ["first", "second"] and set(summary) == {"base/first",
-                                                                                         "base/second"}
+    results = json.loads((layout.view("evaluate") / "results.json").read_text())["results"]
+    assert [r["benchmark"] for r in results] == ["first", "second"]
+    assert not list(layout.dir.glob("*.partial"))
 
 
 def test_a_runs_adapter_folder_scores_as_the_trained_model(tiny_cfg):
     import torch
 
     from lnull.evaluate import load_for_eval
-    from lnull.pipeline import run_pipeline
 
-    cfg = tiny_cfg("method.name=pissa", "train.lr=1e-2")
+    cfg = tiny_cfg("method=pissa", "train.lr=1e-2")
     run = run_pipeline(cfg, stages=["calibrate", "init", "train"])
-    adapter = run.path / "train" / "adapter"
+    adapter = run.dir / "train" / "adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
-        (run.path / "init" / "base").resolve())
+        (run.dir / "init" / "base").resolve())
     ids = torch.arange(3, 40).unsqueeze(0)
-    trained, _, _ = load_for_eval(cfg, run.path, "trained", "cpu")
-    by_path, _, identity = load_for_eval(cfg, run.path, str(adapter), "cpu")
-    original, _, _ = load_for_eval(cfg, run.path, "base", "cpu")
+    trained, _, _ = load_for_eval(cfg, run, "trained", "cpu")
+    by_path, _, (_, _, identity) = load_for_eval(cfg, run, str(adapter), "cpu")
+    original, _, _ = load_for_eval(cfg, run, "base", "cpu")
     with torch.no_grad():
         want, got, orig = (m(input_ids=ids).logits for m in (trained, by_path, original))
     assert identity == str(adapter) and torch.allclose(got, want, atol=1e-5)
@@ -87,7 +91,6 @@ def test_a_runs_adapter_folder_scores_as_the_trained_model(tiny_cfg):
 
 def test_run_checks_eval_data_before_the_first_stage(tmp_path):
     from lnull.cli import compose
-    from lnull.pipeline import run_pipeline
 
     cfg = compose(["+experiment=tiny", "eval=math", f"run.dir={tmp_path / 'run'}", "progress=false"])
     with pytest.raises(ConfigError, match="eval.benchmarks.gsm8k.dataset 'asset:gsm8k/test': asset 'gsm8k' missing"):
@@ -104,5 +107,6 @@ def test_weights_are_loaded_only_when_a_scorer_runs_the_model_here(tiny_cfg, tmp
     gen, code, harness = {"kind": "math"}, {"kind": "code"}, {"kind": "lm_eval"}
     assert needs_weights([gen], hf) and needs_weights([harness], vllm) and needs_weights([code, gen], bigcode)
     assert not needs_weights([gen, code], vllm) and not needs_weights([code], bigcode)
-    model, tokenizer, identity = load_for_eval(tiny_cfg(), tmp_path / "run", "base", "cpu", weights=False)
+    cfg = tiny_cfg()
+    model, tokenizer, (_, _, identity) = load_for_eval(cfg, RunLayout(cfg), "base", "cpu", weights=False)
     assert model is None and tokenizer is not None and identity.endswith("tiny-llama")

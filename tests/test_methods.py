@@ -29,7 +29,7 @@ MODULE = "model.layers.1.mlp.down_proj"  # d_in 128: the widest input of the tin
 def _cfg(root: Path, method: str) -> dict:
     from lnull.cli import compose
 
-    return compose(["+experiment=tiny", f"run.dir={root / method}", "progress=false", f"method.name={method}",
+    return compose(["+experiment=tiny", f"run.dir={root / method}", "progress=false", f"method={method}",
                     f"method.rank={RANK}", f"method.alpha={ALPHA}"])
 
 
@@ -41,7 +41,7 @@ def tiny_inits(tmp_path_factory):
     root = tmp_path_factory.mktemp("methods")
     calib = root / "calibration"
     calib.mkdir()
-    calibrate.run(_cfg(root, "lora"), calib)
+    calibrate.collect_into(_cfg(root, "lora"), calib)
     done: dict[str, Path] = {}
     seconds: dict[str, float] = {}
 
@@ -50,7 +50,7 @@ def tiny_inits(tmp_path_factory):
             out = root / method / "init"
             out.mkdir(parents=True)
             start = time.perf_counter()
-            initialize.run(_cfg(root, method), out, calib)
+            initialize.build(_cfg(root, method), out, calib)
             seconds[method] = time.perf_counter() - start
             done[method] = out
         return done[method]
@@ -125,10 +125,10 @@ NULL_SPACE_RATIO = {MODULE: 0.2, "model.layers.1.self_attn.o_proj": 0.01}
 
 @pytest.mark.parametrize("method", ["lora_null_v1", "lora_null_v2"])
 def test_lora_null_adapter_lies_in_the_activation_null_space(method, tiny_inits, original):
-    from lnull.initialize import load_covariances
+    from lnull.activations import load_statistic
 
     init_dir = tiny_inits.get(method)
-    covs = load_covariances(tiny_inits.calib)
+    covs = load_statistic(tiny_inits.calib)
     for module, bound in NULL_SPACE_RATIO.items():
         X = _inputs_of(original, module, _cfg(tiny_inits.root, method))
         C = covs[module]

@@ -10,8 +10,9 @@ import torch
 
 from lnull.config import ConfigError
 from lnull.methods.linalg import svd64
+from lnull.analysis import rho_k
 from lnull.methods.oplora import (PROJECTIONS_FILE, attach_projections, bake_projections, init_oplora,
-                                  load_projections, rho_k)
+                                  load_projections)
 
 RANK, K = 4, 8
 IDS = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(2))
@@ -20,7 +21,7 @@ IDS = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(2))
 def _cfg(root: Path, *extra: str) -> dict:
     from lnull.cli import compose
 
-    return compose(["+experiment=tiny", f"run.dir={root}", "progress=false", "method.name=oplora",
+    return compose(["+experiment=tiny", f"run.dir={root}", "progress=false", "method=oplora",
                     f"method.rank={RANK}", f"method.k={K}", *extra])
 
 
@@ -39,7 +40,7 @@ def init_dir(tmp_path_factory, original) -> Path:
     root = tmp_path_factory.mktemp("oplora")
     out = root / "init"
     out.mkdir()
-    initialize.run(_cfg(root), out, None)
+    initialize.build(_cfg(root), out, None)
     return out
 
 
@@ -193,7 +194,7 @@ def test_k_plus_rank_too_large(tmp_path):
     out = tmp_path / "init"
     out.mkdir()
     with pytest.raises(ConfigError, match=r"k=30 \+ r=4"):
-        initialize.run(cfg, out, None)
+        initialize.build(cfg, out, None)
     with pytest.raises(ConfigError, match=r"k=30 \+ r=4"):
         init_oplora(torch.zeros(32, 64), None, RANK, 1.0, SimpleNamespace(k=30, seed=0))
 
@@ -206,7 +207,6 @@ def test_oplora_trained_adapter_preserves_top_k_through_the_pipeline(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from lnull.cli import compose
-    from lnull.methods.oplora import rho_k
     from lnull.modeling import load_model, resolve_model
     from lnull.pipeline import run_pipeline
     from lnull.tiny import TINY_ID

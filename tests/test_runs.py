@@ -1,4 +1,4 @@
-"""Run folders: the `tiny` pipeline end to end, kill-and-resume, invalidation, atomic stage publish."""
+"""Run folders over the store: the `tiny` pipeline end to end, kill-and-resume, invalidation, atomic publish."""
 from __future__ import annotations
 
 import json
@@ -11,8 +11,9 @@ import time
 import pytest
 
 from conftest import REPO, lnull
+from lnull.io import atomic_write_json
+from lnull.layout import RunLayout
 from lnull.pipeline import run_pipeline
-from lnull.runs import RunFolder, atomic_write_json
 
 EXPECTED_TREE = [
     "config.yaml", "provenance.json",
@@ -21,14 +22,14 @@ EXPECTED_TREE = [
     "init/adapter/adapter_config.json", "init/adapter/adapter_model.safetensors", "init/adapter/lnull_method.json",
     "init/report.json", "init/complete.json",
     "train/adapter/adapter_model.safetensors", "train/metrics.jsonl", "train/complete.json",
-    "eval/results.json", "eval/complete.json",
+    "eval/results.json", "eval/complete.json", "eval/base/synthetic_facts.json", "eval/trained/synthetic_facts.json",
 ]
 
 
 def test_tiny_end_to_end_killed_after_init_resumes(tmp_path):
     run_dir = tmp_path / "run"
     args = [sys.executable, "-m", "lnull", "run", "+experiment=tiny", f"run.dir={run_dir}", "progress=false",
-            "train.max_steps=30"]
+            "train.max_steps=30", "method=lora_null_v1"]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 300
     while not (run_dir / "init" / "complete.json").exists():
@@ -40,13 +41,15 @@ def test_tiny_end_to_end_killed_after_init_resumes(tmp_path):
     assert not (run_dir / "train").exists(), "killed mid-train must not leave a complete-looking stage"
     calib_mtime = (run_dir / "calibration" / "stats.safetensors").stat().st_mtime_ns
 
-    done = lnull("run", "+experiment=tiny", f"run.dir={run_dir}", "progress=false", "train.max_steps=30", check=True)
+    done = lnull(*args[3:], check=True)
     assert "[calibrate] cached" in done.stdout and "[init] cached" in done.stdout
     assert "[train] done" in done.stdout and "[evaluate] done" in done.stdout
     assert (run_dir / "calibration" / "stats.safetensors").stat().st_mtime_ns == calib_mtime
     for rel in EXPECTED_TREE:
         assert (run_dir / rel).is_file(), rel
-    assert not list(run_dir.glob("*.partial"))
+    for view in ("calibration", "init", "train"):  # views of the store, beside the run folder
+        assert (run_dir / view).is_symlink() and (run_dir / view).resolve().parent.parent == tmp_path / "store"
+    assert not list(run_dir.glob("*.partial")) and not list((tmp_path / "store").glob("*/*.partial"))
 
     metrics = [json.loads(line) for line in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 30 and metrics[-1]["loss"] < metrics[0]["loss"]
@@ -55,37 +58,56 @@ def test_tiny_end_to_end_killed_after_init_resumes(tmp_path):
     assert all(r["n"] == 64 and 0 <= r["value"] <= 100 for r in results)
     cfg = json.loads(json.dumps(__import__("yaml").safe_load((run_dir / "config.yaml").read_text())))
     assert cfg["run"]["dir"] == str(run_dir) and cfg["method"]["rank"] == 4
+    by_model = {r["model"]: r for r in results}
+    assert by_model["base"]["method"] is None and by_model["base"]["calibration"] is None
+    trained = by_model["trained"]  # the whole identity, read from the store entries that made it
+    assert trained["method"]["name"] == "lora_null_v1" and trained["method"]["rank"] == 4
+    assert trained["calibration"]["samples"] == 16 and trained["train"]["steps"] == 30
+    assert trained["method"]["trainable_params"] > 0 and trained["scorer"]["kind"] == "qa_exact_match"
     prov = json.loads((run_dir / "provenance.json").read_text())
     assert prov["versions"]["torch"] and "cuda" in prov["device"]
 
-    again = lnull("run", "+experiment=tiny", f"run.dir={run_dir}", "progress=false", "train.max_steps=30", check=True)
+    again = lnull(*args[3:], check=True)
     assert all(f"[{s}] cached" in again.stdout for s in ("calibrate", "init", "train", "evaluate"))
 
 
 def test_changed_config_invalidates_the_stage_and_everything_after(tiny_cfg):
     logs: list[str] = []
-    run = run_pipeline(tiny_cfg(), log=logs.append)
-    init_mtime = (run.path / "init" / "report.json").stat().st_mtime_ns
+    run = run_pipeline(tiny_cfg("method=lora_null_v1"), log=logs.append)
+    init_mtime = (run.dir / "init" / "report.json").stat().st_mtime_ns
+    old_train = (run.dir / "train").resolve()
     logs.clear()
-    run_pipeline(tiny_cfg("train.lr=0.01"), log=logs.append)
+    run_pipeline(tiny_cfg("method=lora_null_v1", "train.lr=0.01"), log=logs.append)
     assert any("[calibrate] cached" in m for m in logs) and any("[init] cached" in m for m in logs)
-    assert any("[train] config changed: removed train, eval" in m for m in logs)
-    assert (run.path / "init" / "report.json").stat().st_mtime_ns == init_mtime
+    assert any("dropped train, eval" in m for m in logs) and any("[train] done" in m for m in logs)
+    assert (run.dir / "init" / "report.json").stat().st_mtime_ns == init_mtime
+    assert (run.dir / "train").resolve() != old_train and old_train.is_dir()  # the store keeps the old one
     logs.clear()
-    run_pipeline(tiny_cfg("train.lr=0.01", "calibration.samples=8"), log=logs.append)
-    assert not any("cached" in m for m in logs)
-    assert json.loads((run.path / "calibration" / "meta.json").read_text())["samples"] == 8
+    run_pipeline(tiny_cfg("method=lora_null_v1", "train.lr=0.01", "calibration.samples=8"), log=logs.append)
+    assert not any("] cached" in m for m in logs if not m.startswith("[evaluate] base"))
+    assert json.loads((run.dir / "calibration" / "meta.json").read_text())["samples"] == 8
 
 
 def test_stage_is_published_only_when_complete(tiny_cfg):
     cfg = tiny_cfg()
-    run = RunFolder.for_config(cfg)
-    partial = run.begin("calibrate")
-    (partial / "half-written").write_text("x")
-    assert not run.stage_dir("calibrate").exists() and not run.is_complete("calibrate")
-    run.publish("calibrate", {"n": 1})
-    assert run.is_complete("calibrate") and not partial.exists()
-    other = RunFolder.for_config({**cfg, "calibration": {**cfg["calibration"], "seed": 1}})
+    layout = RunLayout.create(cfg)
+    calls = []
+
+    def produce(out):
+        (out / "half-written").write_text("x")
+        calls.append(out)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # killed mid-stage
+        return {"n": 1}
+
+    store, key = layout.store, layout.keys["calibrate"]
+    with pytest.raises(KeyboardInterrupt):
+        store.compute("calibration", key, produce, {})
+    assert not store.entry("calibration", key).exists() and not layout.is_complete("calibrate")
+    assert (store.partial("calibration", key) / "half-written").exists()  # kept: the next attempt resumes in it
+    store.compute("calibration", key, produce, {})
+    assert layout.is_complete("calibrate") and not store.partial("calibration", key).exists()
+    other = RunLayout({**cfg, "calibration": {**cfg["calibration"], "seed": 1}})
     assert not other.is_complete("calibrate")
 
 
@@ -108,9 +130,10 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
 def test_evaluating_only_the_base_model_needs_no_earlier_stage(tiny_cfg):
     logs: list[str] = []
     run = run_pipeline(tiny_cfg("eval.models=[base]", "eval.limit=4"), stages=["evaluate"], log=logs.append)
-    results = json.loads((run.path / "eval" / "results.json").read_text())["results"]
+    results = json.loads((run.dir / "eval" / "results.json").read_text())["results"]
     assert [(r["model"], r["n"]) for r in results] == [("base", 4)]
-    assert not (run.path / "init").exists()
+    assert results[0]["method"] is None and results[0]["train"] is None
+    assert not (run.dir / "init").exists()
 
 
 def test_atomic_write_gives_ordinary_file_permissions(tmp_path):

@@ -6,11 +6,24 @@ import json
 import pytest
 import torch
 
+from lnull.activations import collect_groups, probe_aliases
 from lnull.analysis import activation_singular_values, effective_rank
-from lnull.calibrate import collect
-from lnull.modeling import load_model, load_tokenizer, resolve_model
+from lnull.modeling import load_model, load_tokenizer, resolve_model, target_linears
 from lnull.pipeline import run_pipeline
 from lnull.tiny import TINY_ID
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def collect(model, ids, targets, batch_size, budget_gb=None):
+    """(alias, sums, tokens, samples, groups) of ``lnull.activations`` on ``ids`` [n, T]."""
+    linears = target_linears(model, targets)
+    alias = probe_aliases(model, linears, ids[:1, :16])
+    sums, tokens, samples, groups = {}, {}, {}, 0
+    for _, s, t, n in collect_groups(model, linears, ids, batch_size, alias, budget_gb, progress=False):
+        sums.update(s), tokens.update(t), samples.update(n)
+        groups += 1
+    return alias, sums, tokens, samples, groups
 
 
 @pytest.fixture(scope="module")
@@ -25,34 +38,62 @@ def test_covariance_equals_explicit_xtx_and_shared_inputs_are_aliased(tiny_model
     captured = {}
     handle = model.model.layers[1].mlp.down_proj.register_forward_hook(
         lambda m, i, o: captured.setdefault("x", []).append(i[0].detach().reshape(-1, i[0].shape[-1])))
-    col = collect(model, ids, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                  batch_size=4, progress=False)
+    alias, sums, tokens, samples, _ = collect(model, ids, ALL, batch_size=4)
     handle.remove()
-    X = torch.cat(captured["x"]).double()
-    torch.testing.assert_close(col.cov["model.layers.1.mlp.down_proj"], X.T @ X, rtol=1e-5, atol=1e-5)
-    assert col.tokens["model.layers.1.mlp.down_proj"] == 6 * 20
+    X = torch.cat(captured["x"][1:]).double()  # [0] is the alias probe's forward
+    torch.testing.assert_close(sums["model.layers.1.mlp.down_proj.covariance"], X.T @ X, rtol=1e-5, atol=1e-5)
+    assert tokens["model.layers.1.mlp.down_proj"] == 6 * 20 and samples["model.layers.1.mlp.down_proj"] == 6
     for layer in (0, 1):
         q = f"model.layers.{layer}.self_attn.q_proj"
-        assert col.alias[f"model.layers.{layer}.self_attn.k_proj"] == q
-        assert col.alias[f"model.layers.{layer}.self_attn.v_proj"] == q
-        assert col.alias[f"model.layers.{layer}.mlp.up_proj"] == f"model.layers.{layer}.mlp.gate_proj"
-        assert col.alias[f"model.layers.{layer}.self_attn.o_proj"] == f"model.layers.{layer}.self_attn.o_proj"
-    assert len(col.cov) == 2 * 4  # per layer: qkv, o, gate/up, down
-    assert col.alias["model.layers.1.self_attn.q_proj"] != col.alias["model.layers.0.self_attn.q_proj"]
+        assert alias[f"model.layers.{layer}.self_attn.k_proj"] == q
+        assert alias[f"model.layers.{layer}.self_attn.v_proj"] == q
+        assert alias[f"model.layers.{layer}.mlp.up_proj"] == f"model.layers.{layer}.mlp.gate_proj"
+        assert alias[f"model.layers.{layer}.self_attn.o_proj"] == f"model.layers.{layer}.self_attn.o_proj"
+    assert len(tokens) == 2 * 4  # per layer: qkv, o, gate/up, down
+    assert alias["model.layers.1.self_attn.q_proj"] != alias["model.layers.0.self_attn.q_proj"]
 
 
 def test_max_normalized_statistic_divides_each_sample_by_the_abs_of_its_signed_max(tiny_model):
     model, _ = tiny_model
     ids = torch.randint(3, 200, (3, 10), generator=torch.Generator().manual_seed(1))
-    col = collect(model, ids, ["o_proj"], batch_size=3, progress=False)
+    _, sums, _, samples, _ = collect(model, ids, ["o_proj"], batch_size=3)
     captured = []
     h = model.model.layers[0].self_attn.o_proj.register_forward_hook(lambda m, i, o: captured.append(i[0]))
     model(input_ids=ids)
     h.remove()
     x = captured[0].double()
     expected = sum((s / s.max().abs()).T @ (s / s.max().abs()) for s in x)
-    torch.testing.assert_close(col.max_normalized["model.layers.0.self_attn.o_proj"], expected, rtol=1e-5, atol=1e-7)
-    assert col.samples["model.layers.0.self_attn.o_proj"] == 3
+    got = sums["model.layers.0.self_attn.o_proj.max_normalized_covariance"]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    assert samples["model.layers.0.self_attn.o_proj"] == 3
+
+
+def test_module_groups_under_a_device_budget_give_the_same_statistics(tiny_model):
+    model, _ = tiny_model
+    ids = torch.randint(3, 200, (4, 24), generator=torch.Generator().manual_seed(2))
+    _, whole, _, _, one = collect(model, ids, ALL, batch_size=2)
+    # 2 statistics x (64^2 or 128^2) x 8 bytes: a 0.0003 GiB budget fits about one unique input per group
+    _, grouped, _, _, many = collect(model, ids, ALL, batch_size=2, budget_gb=0.0003)
+    assert one == 1 and many >= 4
+    assert whole.keys() == grouped.keys()
+    for key, value in whole.items():
+        assert torch.equal(grouped[key], value), key  # same products, same order: bit for bit
+
+
+def test_sharded_statistics_are_read_back_per_module(tiny_cfg, tmp_path):
+    from lnull import calibrate
+    from lnull.activations import STATS_INDEX, load_statistic
+
+    (tmp_path / "one").mkdir()
+    (tmp_path / "many").mkdir()
+    calibrate.collect_into(tiny_cfg(), tmp_path / "one")
+    calibrate.collect_into(tiny_cfg("calibration.device_budget_gb=0.0003"), tmp_path / "many")
+    assert (tmp_path / "many" / STATS_INDEX).exists() and not (tmp_path / "one" / STATS_INDEX).exists()
+    assert json.loads((tmp_path / "many" / "meta.json").read_text())["groups"] >= 4
+    for statistic in ("covariance", "max_normalized_covariance"):
+        one, many = load_statistic(tmp_path / "one", statistic), load_statistic(tmp_path / "many", statistic)
+        assert one.keys() == many.keys() and len(one) == 14
+        assert all(torch.equal(one[k], many[k]) for k in one)
 
 
 def test_effective_rank_of_known_spectra():
@@ -77,7 +118,7 @@ def test_lora_init_reproduces_the_original_logits_after_reload(finished_tiny_run
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lnull.runs import default_run_dir
+    from lnull.layout import default_run_dir
 
     run_dir = default_run_dir(finished_tiny_run)
     original = load_model(resolve_model(TINY_ID))
@@ -102,8 +143,9 @@ def test_table_is_built_from_results_json(finished_tiny_run):
     md = Path(finished_tiny_run["table"]["out_dir"], "summary.md").read_text()
     results = json.loads((Path(finished_tiny_run["run"]["root"]).glob("tiny-*").__next__() / "eval" /
                           "results.json").read_text())["results"]
-    for rec in results:
-        assert f"| tiny | lora | 4 | {rec['model']} | {rec['value']:.2f} |" in md
+    for rec in results:  # the base model is the pre-trained row, with no method, rank or calibration
+        row = "| tiny | lora | 4 |  | trained |" if rec["model"] == "trained" else "| tiny | pre-trained |  |  | base |"
+        assert f"{row} {rec['value']:.2f} |" in md
 
 
 def test_analyze_writes_effective_ranks_for_weights_and_activations(finished_tiny_run):
@@ -111,6 +153,7 @@ def test_analyze_writes_effective_ranks_for_weights_and_activations(finished_tin
 
     from lnull.analysis import run_analysis
 
+    run_pipeline(finished_tiny_run, stages=["calibrate"], log=lambda m: None)  # LoRA's `lnull run` skips it
     [path] = [p for p in run_analysis(finished_tiny_run) if p.name == "effective_rank.csv"]
     rows = list(csv.DictReader(path.open()))
     assert {r["matrix"] for r in rows} == {"weight", "activation"} and len(rows) == 28
@@ -120,12 +163,12 @@ def test_analyze_writes_effective_ranks_for_weights_and_activations(finished_tin
 def test_rank_deficient_covariance_warns_naming_the_module(tiny_cfg, tmp_path):
     from lnull import calibrate, initialize
 
-    cfg = tiny_cfg("method.name=lora_null_v1", "calibration.samples=1", "calibration.seqlen=8")
+    cfg = tiny_cfg("method=lora_null_v1", "calibration.samples=1", "calibration.seqlen=8")
     (tmp_path / "cal").mkdir()
     (tmp_path / "init").mkdir()
-    calibrate.run(cfg, tmp_path / "cal")  # 8 tokens: C has rank <= 8 of d_in = 64
+    calibrate.collect_into(cfg, tmp_path / "cal")  # 8 tokens: C has rank <= 8 of d_in = 64
     with pytest.warns(UserWarning, match=r"model\.layers\.0\.self_attn\.q_proj: covariance has \d+ eigenvalues below"):
-        initialize.run(cfg, tmp_path / "init", tmp_path / "cal")
+        initialize.build(cfg, tmp_path / "init", tmp_path / "cal")
     report = json.loads((tmp_path / "init" / "report.json").read_text())
     assert any(w.startswith("model.layers.1.mlp.down_proj: ") for w in report["warnings"])
     assert report["max_reconstruction_rel_err"] < 1e-6
@@ -140,7 +183,7 @@ def test_nq_open_calibration_uses_offline_dev_split_and_says_so(tiny_cfg, tmp_pa
     (cache / "data" / "nq_open" / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = tiny_cfg("calibration.dataset=nq_open", f"cache_dir={cache}")
-    calibrate.run(cfg, tmp_path)
+    calibrate.collect_into(cfg, tmp_path)
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["source"] == "asset:nq_open/dev" and meta["records"] == 200
 
@@ -150,7 +193,7 @@ def test_init_checks_every_layer_before_any_work(tiny_cfg, tmp_path):
     from lnull.config import ConfigError
 
     with pytest.raises(ConfigError, match="method.rank=65 exceeds min"):
-        initialize.run(tiny_cfg("method.rank=65"), tmp_path, None)
+        initialize.build(tiny_cfg("method.rank=65"), tmp_path, None)
     with pytest.raises(ConfigError, match="needs calibration stats"):
-        initialize.run(tiny_cfg("method.name=lora_null_v2"), tmp_path, None)
+        initialize.build(tiny_cfg("method=lora_null_v2"), tmp_path, None)
     assert not (tmp_path / "base").exists()

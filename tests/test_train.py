@@ -21,7 +21,7 @@ FROZEN_ADAPTER_PART = {"lora_fa": "lora_A", "lora_null_v2": "lora_A"}
 def _cfg(root: Path, method: str, *overrides: str) -> dict:
     from lnull.cli import compose
 
-    return compose(["+experiment=tiny", f"run.dir={root / method}", "progress=false", f"method.name={method}",
+    return compose(["+experiment=tiny", f"run.dir={root / method}", "progress=false", f"method={method}",
                     "method.rank=4", "method.alpha=8", "task.dataset=synthetic:arithmetic:16", "train.batch_size=8",
                     "train.micro_batch_size=4", "train.max_steps=16", "train.lr=3e-3", *overrides])
 
@@ -33,7 +33,7 @@ def calibrated(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("train")
     (root / "calibration").mkdir()
-    calibrate.run(_cfg(root, "lora"), root / "calibration")
+    calibrate.collect_into(_cfg(root, "lora"), root / "calibration")
     return SimpleNamespace(root=root, calib=root / "calibration")
 
 
@@ -44,7 +44,7 @@ def _init(calibrated, method: str, *overrides: str) -> tuple[dict, Path]:
     init_dir = calibrated.root / method / "init"
     if not (init_dir / "base").exists():
         init_dir.mkdir(parents=True)
-        initialize.run(cfg, init_dir, calibrated.calib)
+        initialize.build(cfg, init_dir, calibrated.calib)
     return cfg, init_dir
 
 
@@ -52,7 +52,7 @@ def _train(cfg: dict, init_dir: Path, out: Path) -> dict:
     from lnull import train
 
     out.mkdir(parents=True, exist_ok=True)
-    return train.run(cfg, out, init_dir)
+    return train.train_into(cfg, out, init_dir)
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -172,7 +172,7 @@ def test_resumed_run_ends_with_the_same_adapter(calibrated, monkeypatch):
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-4"]
     from lnull import train
 
-    resumed = train.run(cfg, out, init_dir)
+    resumed = train.train_into(cfg, out, init_dir)
     a, b = _tensors(calibrated.root / "resume" / "whole" / "adapter"), _tensors(out / "adapter")
     for name in a:
         assert torch.equal(a[name], b[name]), name

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from lnull.config import ConfigError
+from lnull.errors import ConfigError
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -84,6 +84,21 @@ def require_fields(rows: list[dict[str, Any]], fields: list[str], spec: str) -> 
     for name in fields:
         if name not in rows[0]:
             raise ConfigError(f"dataset '{spec}' has no field '{name}' (fields: {', '.join(rows[0])})")
+
+
+def data_fingerprint(spec: str, cache_dir: Optional[str] = None) -> Optional[str]:
+    """sha256 (16 hex) of the file behind ``spec`` (a local file or an offline asset), None for synthetic data
+    (a pure function of the spec) and hub datasets (named by the spec)."""
+    import hashlib
+
+    if spec.startswith(("synthetic:", "hub:")):
+        return None
+    path = _asset_file(spec, cache_dir) if spec.startswith("asset:") else _local_file(spec)
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def check_available(spec: str, cache_dir: Optional[str] = None, what: str = "dataset") -> None:

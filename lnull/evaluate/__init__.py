@@ -1,60 +1,125 @@
-"""Stage `evaluate`: score base / init / trained models of a run (or any HF model) and write
-``eval/results.json``.
+"""Stage `evaluate`: score base / init / trained models of a run (or any HF model) into stored result records,
+and write the run's ``eval/results.json``.
 
-Each benchmark's record is written to ``eval.partial/<model>/<benchmark>.json`` as soon as it is done,
-so a killed evaluation resumes at the first benchmark without a record.  Scorers live one per module
-behind ``lnull.evaluate.registry``.
+Each (scored model, benchmark) is one record in the store (``store/eval/<key>.json``), keyed by the scored
+model's key (the base model's weights, or the run's init / train key), the benchmark's settings and the
+scorer's version: the base model is scored once for every run on it, a new benchmark scores only itself, and
+removing one deletes nothing. A record's identity (``lnull.records``) is read from the store entries that
+produced the scored model. Scorers live one per module behind ``lnull.evaluate.registry``; a killed
+evaluation resumes at the first record not written (and inside it, from the scorer's cache in its work folder).
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-from lnull.config import ConfigError
+from lnull.errors import ConfigError
 from lnull.evaluate.base import EvalContext
-from lnull.evaluate.registry import RUN_MODELS, check_benchmark_inputs, scorer
-from lnull.modeling import load_model, load_tokenizer, pick_device, resolve_model
+from lnull.evaluate.registry import RUN_MODELS, SCORER_VERSIONS, check_benchmark_inputs, scorer
+from lnull.io import atomic_write_json, stable_hash
+from lnull.modeling import load_model, load_tokenizer, model_fingerprint, pick_device, resolve_model
+from lnull.records import ModelIdentity, ResultRecord, ScorerIdentity, lineage, validate
+
+# Records whose value is a percentage of n independent items: their stderr is the binomial one.
+PROPORTION_KINDS = ("math", "code", "qa_exact_match")
 
 
-def model_source(cfg: dict[str, Any], run_dir: Path, which: str) -> tuple[str, Optional[str], str]:
+def model_source(layout: Any, which: str) -> tuple[str, Optional[str], str]:
     """(base model folder or hub name, PEFT adapter folder or None, identity) of ``which``: base | init |
-    trained, a model folder, a PEFT adapter folder (a run's ``init/adapter`` or ``train/adapter`` on that run's
-    ``init/base``, any other on its ``base_model_name_or_path``) or a hub name."""
+    trained of the layout's run, a model folder, a PEFT adapter folder (a run's ``init/adapter`` or
+    ``train/adapter`` on that run's ``init/base``, any other on its ``base_model_name_or_path``) or a hub name."""
+    cfg = layout.cfg
     if which not in RUN_MODELS:
         path = resolve_model(which, cfg.get("cache_dir"))
         adapter_cfg = Path(path) / "adapter_config.json"
         if not adapter_cfg.exists():
             return path, None, path
-        run_base = Path(path).parent.parent / "init" / "base"  # a run's init/ or train/ adapter: its residual
+        run_base = Path(path).resolve().parent.parent / "init" / "base"  # a run's init/ or train/ adapter
         base = str(run_base) if (run_base / "config.json").exists() else \
             json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
         return base, path, path
     if which == "base":
         path = resolve_model(cfg["model"]["name_or_path"], cfg.get("cache_dir"))
         return path, None, path
-    full_model = run_dir / "train" / "model"
-    if which == "trained" and full_model.exists():
-        return str(full_model), None, str(full_model)
-    base, adapter = run_dir / "init" / "base", run_dir / ("init/adapter" if which == "init" else "train/adapter")
-    return (str(base), str(adapter), str(adapter)) if adapter.exists() else (str(base), None, str(base))
+    init = layout.input("init")
+    if which == "trained":
+        train = layout.input("train")
+        if (train / "model").exists():
+            return str(train / "model"), None, str(train / "model")
+        return str(init / "base"), str(train / "adapter"), str(train / "adapter")
+    adapter = init / "adapter"
+    return (str(init / "base"), str(adapter), str(adapter)) if adapter.exists() else \
+        (str(init / "base"), None, str(init / "base"))
 
 
-def load_for_eval(cfg: dict[str, Any], run_dir: Path, which: str, device, weights: bool = True) -> tuple[Any, Any, str]:
-    """(model, tokenizer, identity) for ``which`` (see :func:`model_source`); model None when not ``weights``
-    (vLLM or the bigcode harness load the folders themselves)."""
-    base, adapter, identity = model_source(cfg, run_dir, which)
+def scored_model(layout: Any, which: str) -> tuple[str, dict[str, Any], ModelIdentity]:
+    """(key of the scored weights, the complete.json markers of the store entries they came from, the
+    pre-trained model's identity). The base model's key depends only on its weights, so every run on one
+    model shares its base records."""
+    cfg, keys = layout.cfg, layout.keys
+    m = cfg["model"]
+    markers: dict[str, Any] = {}
+    if which in ("init", "trained"):
+        stages = ("train", "init") if which == "trained" else ("init",)
+        for stage in stages + tuple(s for s in ("calibrate",) if s in keys.upstream("init")):
+            markers[stage] = layout.marker(stage)
+        key = keys["train" if which == "trained" else "init"]
+        weights = markers["init"]["inputs"]["model"]
+    elif which == "base":
+        weights = model_fingerprint(m["name_or_path"], cfg.get("cache_dir"))
+        key = stable_hash({"base": weights})
+    else:
+        weights = model_fingerprint(which, cfg.get("cache_dir"))
+        key = stable_hash({"path": weights})
+    identity = ModelIdentity(name=m["name"], name_or_path=weights["name_or_path"], sha256=weights["sha256"],
+                             dtype=m["dtype"])
+    return key, markers, identity
+
+
+def record_key(cfg: dict[str, Any], model_key: str, name: str, bench: dict[str, Any]) -> str:
+    """Hash of exactly what a record depends on: the scored weights, the benchmark, the evaluation settings
+    its scorer reads, how prompts are built (BOS) and the weights loaded (dtype), and the scorer's version."""
+    ev = cfg["eval"]
+    inputs = {"model": model_key, "benchmark": name, "bench": bench, "dtype": cfg["model"]["dtype"],
+              "add_bos": cfg["model"]["add_bos"], "scorer": scorer_version(bench["kind"]),
+              "eval": {k: ev[k] for k in ("limit", "batch_size", "engine", "seed")}}
+    if bench["kind"] == "code":
+        inputs["code"] = {k: v for k, v in ev["code"].items() if k != "workers"}
+    if bench["kind"] == "mtbench":
+        inputs["mtbench"] = {k: v for k, v in ev["mtbench"].items() if k != "judge_key_env"}
+    return stable_hash(inputs)
+
+
+def scorer_version(kind: str) -> str:
+    """lnull's version of a scorer (plus lm-eval's for ``lm_eval``): a change re-scores, an equal one reuses."""
+    if kind == "lm_eval":
+        from importlib.metadata import version
+
+        return f"{SCORER_VERSIONS[kind]}+lm_eval-{version('lm_eval')}"
+    return SCORER_VERSIONS[kind]
+
+
+def load_for_eval(cfg: dict[str, Any], layout: Any, which: str, device, weights: bool = True
+                  ) -> tuple[Any, Any, tuple[str, Optional[str], str]]:
+    """(model, tokenizer, (base, adapter, identity)) for ``which`` (see :func:`model_source`); model None when
+    not ``weights`` (vLLM or the bigcode harness load the folders themselves)."""
+    from lnull.methods import attach
+
+    base, adapter, identity = model_source(layout, which)
     tokenizer = load_tokenizer(base)
     if not weights:
-        return None, tokenizer, identity
+        return None, tokenizer, (base, adapter, identity)
     model = load_model(base, cfg["model"]["dtype"], device)
     if adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter).eval()
-    return model, tokenizer, identity
+        attach(model, Path(adapter))  # a method's hooks, if the adapter was saved without them baked in
+    return model, tokenizer, (base, adapter, identity)
 
 
 def needs_weights(benches: list[dict[str, Any]], ev: dict[str, Any]) -> bool:
@@ -75,20 +140,49 @@ def model_slug(which: str) -> str:
     return which if which in RUN_MODELS else re.sub(r"[^A-Za-z0-9_.-]+", "_", which).strip("_")
 
 
-def score_one(name: str, bench: dict[str, Any], ctx: EvalContext) -> dict[str, Any]:
-    """Run one scorer and complete its record with the fields every record carries."""
+def stderr_of(rec: dict[str, Any], kind: str) -> Optional[float]:
+    """The scorer's standard error, or for a percentage of n independent items the binomial one (in %)."""
+    if rec.get("stderr") is not None:
+        return float(rec["stderr"])
+    value, n = rec.get("value"), rec.get("n") or 0
+    if kind in PROPORTION_KINDS and value is not None and n > 0:
+        p = value / 100.0
+        return 100.0 * (p * (1 - p) / n) ** 0.5
+    return None
+
+
+def score_one(name: str, bench: dict[str, Any], ctx: EvalContext, key: str = "",
+              lineage_: Optional[dict[str, Any]] = None) -> dict:
+    """Run one scorer and build its validated record (``lineage_`` None: a pre-trained model of ``ctx.cfg``)."""
+    if lineage_ is None:
+        m = ctx.cfg["model"]
+        lineage_ = lineage({}, ModelIdentity(name=m["name"], name_or_path=m["name_or_path"], sha256=None,
+                                             dtype=m["dtype"]))
     start = time.perf_counter()
     rec = scorer(bench["kind"])(name, bench, ctx)
     seconds = time.perf_counter() - start
-    n = rec.get("n") or 0
-    return {"model": ctx.which, "identity": ctx.identity, "benchmark": name, "kind": bench["kind"],
-            "seed": ctx.eval_cfg["seed"], "engine": ctx.eval_cfg["engine"], "seconds": round(seconds, 3),
-            "items_per_s": round(n / seconds, 3) if n and seconds > 0 else None, **rec}
+    n = int(rec.get("n") or 0)
+    core = {"metric", "value", "n", "stderr", "settings", "task", "task_version", "lm_eval_version"}
+    record = ResultRecord(
+        key=key, model=ctx.which, identity=ctx.identity, **lineage_, benchmark=name, kind=bench["kind"],
+        metric=rec.get("metric", bench["kind"]), value=None if rec.get("value") is None else float(rec["value"]),
+        stderr=stderr_of(rec, bench["kind"]), n=n,
+        scorer=ScorerIdentity(kind=bench["kind"], version=scorer_version(bench["kind"]),
+                              lm_eval_version=rec.get("lm_eval_version"), task=rec.get("task", bench.get("task")),
+                              task_version=None if rec.get("task_version") is None else str(rec["task_version"])),
+        settings={**rec.get("settings", {}), "seed": ctx.eval_cfg["seed"], "engine": ctx.eval_cfg["engine"]},
+        details={k: v for k, v in rec.items() if k not in core}, seconds=round(seconds, 3),
+        items_per_s=round(n / seconds, 3) if n and seconds > 0 else None,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    data = json.loads(json.dumps(record.to_dict(), default=str))
+    validate(data, f"record {key}")
+    return data
 
 
-def run(cfg: dict[str, Any], out_dir: Path, run_dir: Path) -> dict[str, Any]:
-    from lnull.runs import atomic_write_json
-
+def run(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """Stage entry: every (model, benchmark) record of this config, computed when the store lacks it; the run's
+    ``eval/results.json`` lists them and ``eval/<model>/<benchmark>.json`` links each."""
+    layout, store, log = ctx.layout, ctx.layout.store, ctx.log
     benchmarks = cfg["eval"]["benchmarks"]
     if not benchmarks:
         raise ConfigError("eval.benchmarks is empty; pick an eval= config (e.g. eval=[knowledge,math])")
@@ -96,20 +190,36 @@ def run(cfg: dict[str, Any], out_dir: Path, run_dir: Path) -> dict[str, Any]:
         scorer(bench["kind"])
         check_benchmark_inputs(name, bench, cfg.get("cache_dir"))
     device = pick_device(cfg["device"])
-    records = []
+    records, counts = [], {"scored": 0, "reused": 0}
     for which in cfg["eval"]["models"]:
-        model_dir = out_dir / model_slug(which)
-        pending = [n for n in benchmarks if not (model_dir / f"{n}.json").exists()]
-        weights = needs_weights([benchmarks[n] for n in pending], cfg["eval"])
-        loaded = load_for_eval(cfg, run_dir, which, device, weights) if pending else (None, None, "")
+        model_key, markers, base_model = scored_model(layout, which)
+        identity = lineage(markers, base_model)
+        keys = {name: record_key(cfg, model_key, name, bench) for name, bench in benchmarks.items()}
+        pending = [n for n in benchmarks if store.read_record(keys[n]) is None]
+        loaded = None
         for name, bench in benchmarks.items():
-            done = model_dir / f"{name}.json"
-            if not done.exists():
-                ctx = EvalContext(loaded[0], loaded[1], cfg, which, loaded[2], model_dir / f"{name}.work")
-                ctx.work_dir.mkdir(parents=True, exist_ok=True)
-                atomic_write_json(done, score_one(name, bench, ctx))
-            records.append(json.loads(done.read_text()))
-    atomic_write_json(out_dir / "results.json", {"experiment": cfg["experiment"], "method": cfg["method"]["name"],
-                                                 "rank": cfg["method"]["rank"], "results": records})
-    return {r["model"] + "/" + r["benchmark"]: (round(r["value"], 2) if r["value"] is not None else None)
-            for r in records}
+            key = keys[name]
+            with store.lock("eval", key, log):
+                if store.read_record(key) is None:
+                    if loaded is None:
+                        weights = needs_weights([benchmarks[n] for n in pending], cfg["eval"])
+                        loaded = load_for_eval(cfg, layout, which, device, weights)
+                    base, adapter, ident = loaded[2]
+                    work = store.record_work(key)
+                    work.mkdir(parents=True, exist_ok=True)
+                    ectx = EvalContext(loaded[0], loaded[1], cfg, which, ident, work, base, adapter)
+                    atomic_write_json(store.record(key), score_one(name, bench, ectx, key, identity))
+                    counts["scored"] += 1
+                    log(f"[evaluate] {which}/{name}: scored ({key})")
+                else:
+                    counts["reused"] += 1
+                    log(f"[evaluate] {which}/{name}: stored record reused ({key})")
+            records.append(validate(json.loads(store.record(key).read_text()), str(store.record(key))).to_dict())
+            link = ctx.out / model_slug(which) / f"{name}.json"
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.unlink(missing_ok=True)
+            os.symlink(os.path.relpath(store.record(key), link.parent), link)
+    atomic_write_json(ctx.out / "results.json", {"run": str(layout.dir), "experiment": cfg["experiment"],
+                                                 "results": records})
+    return {**counts, **{r["model"] + "/" + r["benchmark"]: (round(r["value"], 2) if r["value"] is not None
+                                                             else None) for r in records}}

@@ -27,8 +27,9 @@ class EvalContext:
     """One evaluated model.
 
     ``which``: base | init | trained | a model path; ``identity``: the folder (or hub name) the weights
-    came from; ``work_dir``: scratch folder for this model and benchmark inside ``eval.partial/`` (kept
-    when a run is killed, so scorers may cache generations there).
+    came from (the adapter folder when there is one); ``base_path`` / ``adapter_path``: the model folder (or
+    hub name) and the PEFT adapter folder loaded on it (None without one); ``work_dir``: the record's scratch
+    folder in the store (kept when a run is killed, so scorers may cache generations there).
     """
 
     model: Any
@@ -37,6 +38,8 @@ class EvalContext:
     which: str
     identity: str
     work_dir: Path
+    base_path: str = ""
+    adapter_path: Optional[str] = None
     timings: dict[str, float] = field(default_factory=dict)
 
     @property

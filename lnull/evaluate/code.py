@@ -22,7 +22,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Callable
 
-from lnull.config import ConfigError
+from lnull.errors import ConfigError
 from lnull.evaluate.base import read_saved_rows
 from lnull.evaluate.registry import check_code_settings
 

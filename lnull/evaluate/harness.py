@@ -23,7 +23,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from lnull.config import ConfigError
+from lnull.errors import ConfigError
 
 # The number each paper reports.  Knowledge (LoRA-Null): 0-shot exact match.  Commonsense (OPLoRA's
 # forgetting tables): the paper names no variant, so we follow the usual lm-eval reporting: length-normalised
@@ -197,15 +197,18 @@ def score(name: str, bench: dict[str, Any], ctx: Any) -> dict[str, Any]:
     config = out["configs"][key]
     names = [m["metric"] for m in config.get("metric_list", [])]
     metrics: dict[str, float] = {}  # "<metric>,<filter>" -> metric, first filter wins (one filter per task here)
+    stderrs: dict[str, float] = {}
     for k, v in out["results"][key].items():
         metric = k.partition(",")[0]
         if metric in names and isinstance(v, (int, float)):
             metrics.setdefault(metric, 100.0 * v)
+        if metric.endswith("_stderr") and metric[:-len("_stderr")] in names and isinstance(v, (int, float)):
+            stderrs.setdefault(metric[:-len("_stderr")], 100.0 * v)
     primary = PRIMARY_METRIC.get(task) if PRIMARY_METRIC.get(task) in metrics else names[0]
     gen = config.get("generation_kwargs") or {}
     samples = out.get("samples", {}).get(key, [])
     return {"metric": primary, "value": metrics[primary], "n": out["n-samples"][key]["effective"],
-            "metrics": metrics, "task": task, "task_version": out["versions"][key],
+            "stderr": stderrs.get(primary), "metrics": metrics, "task": task, "task_version": out["versions"][key],
             "lm_eval_version": version("lm_eval"),
             "data": "hub" if hub else bench["dataset"], "lm_eval_dataset": config.get("dataset_path"),
             "settings": ctx.settings(num_fewshot=bench.get("num_fewshot", 0), output_type=config.get("output_type"),

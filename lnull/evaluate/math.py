@@ -29,7 +29,7 @@ from fractions import Fraction
 from importlib.metadata import version
 from typing import Any, Optional
 
-from lnull.config import ConfigError
+from lnull.errors import ConfigError
 from lnull.evaluate.base import read_saved_rows
 from lnull.data.prompts import ALPACA
 

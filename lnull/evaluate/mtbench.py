@@ -27,12 +27,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
-from lnull.config import ConfigError
+from lnull.errors import ConfigError
 from lnull.evaluate.base import read_saved_rows
 from lnull.evaluate.registry import judge_key
 from lnull.data.sources import read_jsonl
 from lnull.modeling import cache_root
-from lnull.runs import atomic_write_json, atomic_write_text
+from lnull.io import atomic_write_json, atomic_write_text
 
 # fastchat/llm_judge/common.py: temperature_config (unknown categories: 0.7), NEED_REF_CATS, score regexes
 TEMPERATURES = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,

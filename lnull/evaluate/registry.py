@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 from urllib.parse import urlparse
 
-from lnull.config import ConfigError
+from lnull.errors import ConfigError
 
 KINDS = {
     "lm_eval": "lnull.evaluate.harness:score",
@@ -24,6 +24,9 @@ KINDS = {
 }
 # Allowed ``task`` values per kind (None: any, checked by the scorer, e.g. lm-eval's task index).
 TASKS = {"math": ("gsm8k", "math"), "code": ("humaneval", "mbpp")}
+# lnull's version of each scorer's protocol: bump it when a scorer's output for the same input changes, so
+# stored records of the old protocol are not reused.
+SCORER_VERSIONS = {kind: "1" for kind in KINDS}
 RUN_MODELS = ("base", "init", "trained")
 ENGINES = ("hf", "vllm")
 

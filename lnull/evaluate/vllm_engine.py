@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from lnull.config import ConfigError
+from lnull.errors import ConfigError
 from lnull.evaluate.generate import cut_at_stop
 
 _ENGINE: dict[str, Any] = {}  # {"key": (base, dtype, max_lora_rank), "llm": vllm.LLM}
@@ -32,13 +32,12 @@ _VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 def model_and_adapter(ctx: Any) -> tuple[str, Optional[str], int]:
     """(plain model folder or hub name for vLLM, PEFT adapter folder or None, adapter rank or 0)."""
-    from lnull.evaluate import model_source
+    from lnull.methods import needs_hooks
 
-    identity = Path(ctx.identity)
-    if (identity / "oplora_projections.safetensors").exists():
-        raise ConfigError(f"eval.engine=vllm cannot apply the unbaked OPLoRA projections of {identity}; "
-                          "use eval.engine=hf")
-    base, adapter, _ = model_source(ctx.cfg, identity, str(ctx.identity))  # identity: the adapter or model folder
+    base, adapter = ctx.base_path, ctx.adapter_path
+    if adapter is not None and needs_hooks(Path(adapter)):
+        raise ConfigError(f"eval.engine=vllm cannot apply the hooks the adapter {adapter} needs (an unbaked "
+                          "OPLoRA adapter); use eval.engine=hf")
     if adapter is None:
         return base, None, 0
     conf = json.loads((Path(adapter) / "adapter_config.json").read_text())

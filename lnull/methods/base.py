@@ -2,25 +2,36 @@
 
 A method is a pure function on one linear layer::
 
-    init(W0 [d_out, d_in], statistic C [d_in, d_in] or None, rank r, scale s, cfg, generator) -> LayerInit
+    init(W0 [d_out, d_in], statistic C [d_in, d_in] or None, rank r, scale s, options, generator) -> LayerInit
 
 giving ``A`` [r, d_in], ``B`` [d_out, r] and the frozen residual [d_out, d_in] such that
 ``residual + s * B @ A == W0``; plus its freezing rule (which adapter parts training must not touch).
-``generator`` is this layer's own random stream (:func:`layer_generator`); deterministic methods ignore it.
+``options`` is an instance of ``Method.options`` (the method's typed config section); ``generator`` is this
+layer's own random stream (:func:`layer_generator`); deterministic methods ignore it.
+
+Everything else a method needs from the stages is a hook here, so no module outside ``lnull/methods/``
+imports a method file or compares a method name: extra files beside its adapter (``write_extras``,
+``extra_file``), hooks on a loaded adapter (``attach``), what saving/merging must bake in (``bake``), the
+effective factors analysis should measure (``effective_factors``) and which options enter its store key
+(``key_options``).
 """
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional
 
 import torch
+
+from lnull.config import MethodConfig
 
 # Calibration statistics a method can ask for (keys ``<module>.<statistic>`` of calibration/stats.safetensors):
 # - "covariance": C = sum_t x_t x_t^T over all calibration tokens (the papers' X X^T; under
 #   ``calibration.official`` the official LoRA-Null code's normalised sum instead);
 # - "max_normalized_covariance": mean over samples of (x / |max(x)|)^T (x / |max(x)|), PEFT's CorDA statistic.
 STATISTICS = ("covariance", "max_normalized_covariance")
+
+Factors = dict[str, torch.Tensor]  # module -> A [r, d_in] or B [d_out, r]
 
 
 @dataclass
@@ -36,28 +47,58 @@ class LayerInit:
 InitFn = Callable[[torch.Tensor, Optional[torch.Tensor], int, float, Any, torch.Generator], LayerInit]
 
 
+def all_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Default ``key_options``: every option of the method's section enters its store key."""
+    return dict(options)
+
+
 @dataclass
 class Method:
     """A registered initialisation method."""
 
     name: str
     init: Optional[InitFn]  # None: no adapter (full fine-tuning)
+    options: type = MethodConfig  # the typed config section of this method (a MethodConfig subclass)
     statistic: Optional[str] = None  # the calibration statistic ``init`` reads (one of STATISTICS); None = none
     frozen: list[str] = field(default_factory=list)  # adapter parts kept frozen in training, e.g. ["lora_A"]
     description: str = ""
-    # Optional (shape (d_out, d_in), cfg) -> None raising ConfigError; run on every layer before any work.
+    # (shape (d_out, d_in), options) -> None raising ConfigError; run on every layer before any work.
     check_shape: Optional[Callable[[tuple[int, int], Any], None]] = None
-    # Optional (linears {name: nn.Linear} of the ORIGINAL model, method cfg dict, adapter dir) -> None:
-    # extra files a method needs next to its PEFT adapter (e.g. OPLoRA's frozen projections).
-    write_extras: Optional[Callable[[dict, dict, Any], None]] = None
+    # (options) -> None raising ConfigError; run at compose time.
+    check_options: Optional[Callable[[Any], None]] = None
+    # (linears {name: nn.Linear} of the ORIGINAL model, options, adapter dir) -> None: files the method needs
+    # next to its PEFT adapter; ``extra_file`` names the one whose presence means "this adapter needs attach".
+    write_extras: Optional[Callable[[dict, Any, Any], None]] = None
+    extra_file: Optional[str] = None
+    # (peft model, adapter dir) -> None: hooks a loaded adapter needs to compute this method's update.
+    attach: Optional[Callable[[Any, Any], None]] = None
+    # (peft model, adapter dir) -> None: fold those hooks into the adapter weights (before saving or merging).
+    bake: Optional[Callable[[Any, Any], None]] = None
+    # ({module: A}, {module: B}, adapter dir) -> (A, B) as the update s B A really acts (analysis).
+    effective_factors: Optional[Callable[[Factors, Factors, Any], tuple[Factors, Factors]]] = None
+    # (options dict) -> the part of them the init reads (its store key); default all of them.
+    key_options: Callable[[dict[str, Any]], dict[str, Any]] = all_options
 
     def __post_init__(self) -> None:
         if self.statistic is not None and self.statistic not in STATISTICS:
             raise ValueError(f"method '{self.name}': unknown statistic '{self.statistic}'")
+        if not issubclass(self.options, MethodConfig):
+            raise ValueError(f"method '{self.name}': options must subclass lnull.config.MethodConfig")
 
     @property
     def needs_calibration(self) -> bool:
         return self.statistic is not None
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.init is not None
+
+    def make_options(self, section: dict[str, Any]) -> Any:
+        """The typed options of a resolved ``method`` section (unknown keys: TypeError)."""
+        return self.options(**section)
+
+    def option_names(self) -> list[str]:
+        return [f.name for f in fields(self.options)]
 
 
 REGISTRY: dict[str, Method] = {}

@@ -14,14 +14,22 @@ windows and compares).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
+from lnull.config import MethodConfig
 from lnull.methods.base import LayerInit, Method, register
 from lnull.methods.linalg import factor, svd64
 
 INV_TOLERANCE = 0.05  # PEFT's bound on ||C_fix C_fix^-1 - I||_F
+PEFT_STATISTIC = "max_normalized_covariance"  # calibration's copy of PEFT's covariance
+
+
+@dataclass
+class CorDAConfig(MethodConfig):
+    damping: float = 0.01  # starting damping of C (times mean diag), doubled until stable (PEFT's 0.01)
 
 
 def damped_inverse(C: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,7 +71,7 @@ def init_corda_ipm(W0: torch.Tensor, cov: Optional[torch.Tensor], rank: int, sca
     return _corda(W0, cov, rank, scale, cfg, smallest=False)
 
 
-CORDA_KPM = register(Method("corda_kpm", init_corda_kpm, statistic="max_normalized_covariance",
+CORDA_KPM = register(Method("corda_kpm", init_corda_kpm, options=CorDAConfig, statistic=PEFT_STATISTIC,
                             description="CorDA knowledge-preserved: smallest singular triples of W0 C"))
-CORDA_IPM = register(Method("corda_ipm", init_corda_ipm, statistic="max_normalized_covariance",
+CORDA_IPM = register(Method("corda_ipm", init_corda_ipm, options=CorDAConfig, statistic=PEFT_STATISTIC,
                             description="CorDA instruction-previewed: largest singular triples of W0 C"))

@@ -11,13 +11,29 @@ Each layer draws from its own generator (``lnull.methods.base.layer_generator``)
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
+from lnull.config import MethodConfig
+from lnull.errors import ConfigError
 from lnull.methods.base import LayerInit, Method, register
 
 A_INITS = ("gaussian", "kaiming_uniform")
+
+
+@dataclass
+class LoRAConfig(MethodConfig):
+    """Options of the random-A methods (LoRA, LoRA-FA, OPLoRA)."""
+
+    init_a: str = "gaussian"  # gaussian (std 1/r, the papers' official code) | kaiming_uniform (PEFT's default)
+    seed: int = 0  # each layer draws A from a generator seeded by (seed, module name)
+
+
+def check_init_a(options: Any) -> None:
+    if options.init_a not in A_INITS:
+        raise ConfigError(f"method.init_a must be one of {', '.join(A_INITS)}, got '{options.init_a}'")
 
 
 def random_a(rank: int, d_in: int, init_a: str, generator: torch.Generator) -> torch.Tensor:
@@ -41,4 +57,5 @@ def init_lora(W0: torch.Tensor, cov: Optional[torch.Tensor], rank: int, scale: f
     return LayerInit(A=A, B=B, residual=W0.clone())
 
 
-LORA = register(Method("lora", init_lora, description="random A, zero B"))
+LORA = register(Method("lora", init_lora, options=LoRAConfig, check_options=check_init_a,
+                       description="random A, zero B"))

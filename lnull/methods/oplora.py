@@ -23,16 +23,23 @@ hooks removed (the update would leave the complement again).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from lnull.config import ConfigError
-from lnull.methods.base import LayerInit, Method, register
+from lnull.errors import ConfigError
+from lnull.methods.base import Factors, LayerInit, Method, register
 from lnull.methods.linalg import svd64
-from lnull.methods.lora import init_lora
+from lnull.methods.lora import LoRAConfig, check_init_a, init_lora
+
+
+@dataclass
+class OPLoRAConfig(LoRAConfig):
+    k: int = 16  # top singular directions of W0 (left and right) the update stays orthogonal to
+    init_a: str = "kaiming_uniform"  # the OPLoRA paper's LoRA init (PEFT's default)
 
 PROJECTIONS_FILE = "oplora_projections.safetensors"
 _HANDLES_ATTR = "_oplora_hook_handles"
@@ -90,10 +97,9 @@ def load_projections(adapter_dir: Path) -> Projections:
     return {name: (tensors[f"{name}.U_k"], tensors[f"{name}.V_k"]) for name in names}
 
 
-def write_init_extras(model_linears: dict[str, torch.nn.Linear], cfg_method: dict[str, Any],
-                      adapter_dir: Path) -> None:
+def write_init_extras(model_linears: dict[str, torch.nn.Linear], options: Any, adapter_dir: Path) -> None:
     """SVD each targeted layer's weight (= W0 = the OPLoRA residual) and save its (U_k, V_k)."""
-    k, rank = int(cfg_method["k"]), int(cfg_method["rank"])
+    k, rank = int(options.k), int(options.rank)
     projections = {}
     for name, lin in model_linears.items():
         check_k(k, rank, tuple(lin.weight.shape))
@@ -164,19 +170,19 @@ def bake_projections(peft_model: torch.nn.Module, adapter_dir: Path, adapter: st
     object.__setattr__(peft_model, _HANDLES_ATTR, [])
 
 
-def rho_k(W0: torch.Tensor, W_eff: torch.Tensor, k: int) -> float:
-    """Subspace alignment of the update (OPLoRA paper, eq. 5): with ΔW = W_eff - W0 [d_out, d_in] and
-    Q_k = U_k U_kᵀ the projector on W0's top-k left singular vectors,
+def effective_factors(A: Factors, B: Factors, adapter_dir: Path) -> tuple[Factors, Factors]:
+    """({module: A P_V}, {module: P_U B}) fp64: the factors whose product is the update OPLoRA applies
+    (idempotent on a baked adapter)."""
+    projections = load_projections(adapter_dir)
+    A_eff, B_eff = {}, {}
+    for name in A:
+        U_k, V_k = (t.double() for t in projections[name])
+        A_eff[name] = A[name].double() - (A[name].double() @ V_k) @ V_k.T
+        B_eff[name] = B[name].double() - U_k @ (U_k.T @ B[name].double())
+    return A_eff, B_eff
 
-        ρ_k = ||Q_k ΔW||_F² / ||ΔW||_F²  ∈ [0, 1]   (computed as ||U_kᵀ ΔW||_F², fp64);
 
-    0: the update avoids W0's dominant column space; 1: it lies inside it. 0.0 for ΔW = 0."""
-    U, _, _ = svd64(W0)
-    delta = W_eff.double() - W0.double()
-    total = float(delta.pow(2).sum())
-    return float((U[:, :k].T @ delta).pow(2).sum()) / total if total > 0 else 0.0
-
-
-OPLORA = register(Method("oplora", init_oplora, frozen=[],
+OPLORA = register(Method("oplora", init_oplora, options=OPLoRAConfig, check_options=check_init_a,
                          description="LoRA with ΔW = P_U B A P_V, orthogonal to W0's top-k singular subspaces",
-                         check_shape=check_shape, write_extras=write_init_extras))
+                         check_shape=check_shape, write_extras=write_init_extras, extra_file=PROJECTIONS_FILE,
+                         attach=attach_projections, bake=bake_projections, effective_factors=effective_factors))

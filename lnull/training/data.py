@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from lnull.config import ConfigError
+from lnull.errors import ConfigError
 from lnull.data.prompts import IGNORE_INDEX, encode_example
 from lnull.data.sources import load_records
 
@@ -61,7 +61,7 @@ def build_examples(cfg: dict[str, Any], tokenizer: Any) -> list[dict[str, list[i
 
 def save_examples(path: Path, examples: list[dict[str, list[int]]]) -> None:
     """Flat int32 ``input_ids``/``labels`` [total tokens] and int64 ``offsets`` [n + 1], written atomically."""
-    from lnull.runs import atomic_write_bytes
+    from lnull.io import atomic_write_bytes
     from safetensors.torch import save
 
     lengths = torch.tensor([0] + [len(e["input_ids"]) for e in examples], dtype=torch.int64)

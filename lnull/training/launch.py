@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from lnull.config import ConfigError, accumulation_steps
+from lnull.errors import ConfigError
+from lnull.config import accumulation_steps
 
 ERROR_FILE = "error.txt"
 SUMMARY_FILE = "summary.json"
@@ -44,7 +45,7 @@ def _free_port() -> int:
 
 def launch(cfg: dict[str, Any], out_dir: Path, init_dir: Path) -> dict[str, Any]:
     """Run the training workers and return rank 0's summary; ConfigError with a worker's message if they fail."""
-    from lnull.runs import atomic_write_text, read_json
+    from lnull.io import atomic_write_text, read_json
 
     folder = out_dir / "launch"
     folder.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lnull.config import ConfigError, accumulation_steps, launch_processes
+from lnull.errors import ConfigError
+from lnull.config import accumulation_steps, launch_processes
 from lnull.training import checkpoint
 from lnull.training.data import EXAMPLES_FILE, collate, load_examples, step_plan, total_steps
 from lnull.training.model import ResponseLoss, assert_frozen, load_trainable
@@ -63,7 +64,7 @@ def _append_metrics(path: Path, rec: dict[str, Any]) -> None:
 def _truncate_metrics(path: Path, step: int) -> None:
     """Keep the log lines up to ``step`` (a resumed run rewrites what came after its checkpoint)."""
     if path.exists():
-        from lnull.runs import atomic_write_text
+        from lnull.io import atomic_write_text
 
         lines = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= step]
         atomic_write_text(path, "".join(l + "\n" for l in lines))
@@ -159,19 +160,19 @@ def _pad_id(init_dir: Path) -> int:
 
 
 def _save_result(accelerator: Any, wrapped: Any, info: dict[str, Any], init_dir: Path, out_dir: Path) -> None:
-    """Rank 0 writes ``adapter/`` (plain PEFT LoRA, OPLoRA projections baked in) or ``model/`` (full FT).
+    """Rank 0 writes ``adapter/`` (plain PEFT LoRA, a method's hooks baked in) or ``model/`` (no adapter).
     Under ZeRO-3 the live parameters are shards: every rank joins the gather, rank 0 writes."""
     import contextlib
 
-    from lnull.methods.oplora import PROJECTIONS_FILE, bake_projections
+    from lnull.methods import bake
     from lnull.modeling import load_tokenizer
 
     accelerator.wait_for_everyone()
     plugin = accelerator.state.deepspeed_plugin
     zero3 = plugin is not None and plugin.zero_stage == 3
     model = accelerator.unwrap_model(wrapped).model
-    target = out_dir / ("model" if info["method"] == "full" else "adapter")
-    if info["method"] == "full":
+    target = out_dir / ("adapter" if info["adapter"] else "model")
+    if not info["adapter"]:
         state = accelerator.get_state_dict(wrapped) if zero3 else None  # 16-bit gather, layer by layer
         if accelerator.is_main_process:
             model.save_pretrained(target, state_dict={k.removeprefix("model."): v for k, v in state.items()}
@@ -186,8 +187,7 @@ def _save_result(accelerator: Any, wrapped: Any, info: dict[str, Any], init_dir:
                                                    modifier_rank=0)  # trained and frozen adapter parts
     with gather:
         if accelerator.is_main_process:
-            if (init_dir / "adapter" / PROJECTIONS_FILE).exists():
-                bake_projections(model, init_dir / "adapter")
+            bake(model, init_dir / "adapter")  # a method's hooks folded into plain LoRA weights
             # the adapter belongs on the residual base (PEFT would otherwise record the original model)
             model.peft_config["default"].base_model_name_or_path = str((init_dir / "base").resolve())
             model.save_pretrained(target)

@@ -8,10 +8,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lnull.config import ConfigError
+from lnull.errors import ConfigError
 from lnull.data.prompts import IGNORE_INDEX
-from lnull.initialize import METHOD_FILE
-from lnull.methods.oplora import PROJECTIONS_FILE, attach_projections
+from lnull.methods import METHOD_FILE, attach
 from lnull.modeling import load_model
 
 
@@ -20,19 +19,19 @@ def load_trainable(init_dir: Path, dtype: str, attn_implementation: str = "sdpa"
 
     Adapter methods: ``init/base`` + ``init/adapter`` through PEFT, base weights frozen, and the adapter parts
     named in ``lnull_method.json`` (``frozen``, e.g. ``["lora_A"]`` for LoRA-Null v2 and LoRA-FA) frozen too;
-    OPLoRA's projections are hook closures, never parameters.  Full fine-tuning: every weight trains.
+    a method's hooks (``lnull.methods.attach``: OPLoRA's projections) are closures, never parameters. Without
+    an adapter (full fine-tuning) every weight trains.
     """
+    info = json.loads((init_dir / METHOD_FILE).read_text())
     model = load_model(str(init_dir / "base"), dtype, "cpu", attn_implementation)
-    adapter = init_dir / "adapter"
-    if not adapter.exists():
+    if not info["adapter"]:
         model.requires_grad_(True)
-        return model, {"method": "full", "frozen": []}
+        return model, info
     from peft import PeftModel
 
-    info = json.loads((adapter / METHOD_FILE).read_text())
+    adapter = init_dir / "adapter"
     model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
-    if (adapter / PROJECTIONS_FILE).exists():
-        attach_projections(model, adapter)
+    attach(model, adapter)
     # PEFT re-enables grads on every LoRA part in from_pretrained(is_trainable): freeze after it.
     for part in info["frozen"]:
         matched = [p for n, p in model.named_parameters() if f".{part}." in n]
@@ -46,12 +45,11 @@ def load_trainable(init_dir: Path, dtype: str, attn_implementation: str = "sdpa"
 def assert_frozen(model: torch.nn.Module, info: dict[str, Any]) -> int:
     """Raise ConfigError if a parameter the method keeps frozen would get gradients (PEFT and wrappers can
     re-enable them); return the number of trainable parameters."""
-    adapter_method = info["method"] != "full"
     trainable = 0
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if any(f".{part}." in name for part in info["frozen"]) or (adapter_method and "lora_" not in name):
+        if any(f".{part}." in name for part in info["frozen"]) or (info["adapter"] and "lora_" not in name):
             raise ConfigError(f"frozen parameter {name} of method '{info['method']}' would get gradients")
         trainable += getattr(param, "ds_numel", param.numel())  # ZeRO-3 shards report numel() 0
     if trainable == 0:

@@ -1,0 +1,263 @@
+"""Activation statistics of targeted linear layers: collected in one pass per module group, stored, read back.
+
+Per unique layer input x [tokens, d_in] of each calibration sample (q/k/v and gate/up share one input and
+are collected once, recorded as aliases), one fp32 product P = x^T x feeds both statistics:
+
+- ``covariance`` sum: P;                 - ``max_normalized_covariance`` sum: P / max(x)^2
+  (max(x) = the signed maximum of the sample, so P / max(x)^2 = (x / |max x|)^T (x / |max x|), PEFT's rule).
+
+Memory (issue: the statistics of a 7-8B model do not fit one GPU beside it in fp64):
+
+- on a CUDA device the sums are fp32 and flushed into fp64 host sums every :data:`FLUSH_EVERY` batches (an fp32
+  partial sum of a few dozen products is well under the fp32 storage floor, eps * sqrt(d_in), of the result);
+  on the CPU they are fp64 in place;
+- modules are split into groups whose device sums fit ``calibration.device_budget_gb`` (default
+  :data:`DEFAULT_CUDA_BUDGET_GB` on CUDA, no limit on the CPU); each group is one pass over the windows that
+  stops after its last module, and is written to its own ``stats-<i>-of-<n>.safetensors`` before the next starts,
+  so host memory holds one group's fp64 sums.
+
+Arithmetic for LLaMA-3-8B (32 layers; unique inputs per layer: qkv 4096, o 4096, gate/up 4096, down 14336):
+sum d^2 = 3 x 4096^2 + 14336^2 = 2.56e8 per layer; two statistics -> 5.1e8 numbers per layer, i.e. 2.05 GB
+fp32 (4.1 GB fp64), 65.5 GB fp32 for the model: 3 groups of at most 24 GiB on the device, beside ~32 GB of
+fp32 weights (calibration.dtype) and < 2 GB of per-sample temporaries; host: one group's fp64 sums (<= 48 GiB).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from lnull.errors import ConfigError
+from lnull.io import atomic_write_json, read_json
+
+STATS_FILE = "stats.safetensors"
+STATS_INDEX = "stats.index.json"  # tensor key -> shard file, when the statistics are in several files
+FLUSH_EVERY = 8  # batches between flushes of fp32 device sums into fp64 host sums (CUDA)
+DEFAULT_CUDA_BUDGET_GB = 24.0
+STATS = ("covariance", "max_normalized_covariance")
+
+Windows = Union[torch.Tensor, list]  # [n, seqlen] token ids, or n 1-D tensors of varying length (official)
+
+
+class _StopForward(Exception):
+    """Raised by the last hooked module of a group: the rest of the forward is not needed."""
+
+
+def batches_of(windows: Windows, batch_size: int) -> list[torch.Tensor]:
+    """Forward batches: a [n, seqlen] tensor in chunks of ``batch_size``, a list of windows one by one."""
+    if isinstance(windows, list):
+        return [w[None] for w in windows]
+    return [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
+
+
+@torch.no_grad()
+def probe_aliases(model: torch.nn.Module, linears: dict[str, torch.nn.Linear], ids: torch.Tensor) -> dict[str, str]:
+    """{module: module whose input it shares} (itself when none) from one short forward, in call order.
+
+    Layers reading one tensor (q/k/v, gate/up) are called back to back with the same object; only the last
+    input is kept alive, so no freed address can be mistaken for a shared input."""
+    alias: dict[str, str] = {}
+    prev: list[Any] = [None, None]
+
+    def hook(name):
+        def fn(_module, inputs, _output):
+            x = inputs[0]
+            alias[name] = prev[1] if x is prev[0] else name
+            if x is not prev[0]:
+                prev[0], prev[1] = x, name
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
+    try:
+        model(input_ids=ids.to(next(model.parameters()).device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return alias
+
+
+def plan_groups(sizes: dict[str, int], bytes_per_number: int, budget_gb: Optional[float]) -> list[list[str]]:
+    """Consecutive groups (in forward order) of unique inputs whose two statistics' sums, sizes[m] = d_in^2
+    numbers each, fit ``budget_gb``; one group when there is no budget. A single input over the budget gets
+    a group of its own."""
+    if budget_gb is None:
+        return [list(sizes)]
+    budget = budget_gb * 2**30
+    groups: list[list[str]] = [[]]
+    used = 0.0
+    for name, size in sizes.items():
+        need = len(STATS) * size * bytes_per_number
+        if groups[-1] and used + need > budget:
+            groups.append([])
+            used = 0.0
+        groups[-1].append(name)
+        used += need
+    return groups
+
+
+class Accumulators:
+    """Sums of one module group: fp32 on a CUDA device, flushed into fp64 host sums (``flush``); fp64 in place
+    on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.in_place = device.type == "cpu"
+        self.device_sums: dict[tuple[str, str], torch.Tensor] = {}
+        self.host_sums: dict[tuple[str, str], torch.Tensor] = {}
+
+    def add(self, key: tuple[str, str], prod: torch.Tensor) -> None:
+        store = self.host_sums if self.in_place else self.device_sums
+        if key in store:
+            store[key] += prod
+        else:
+            store[key] = prod.to(torch.float64 if self.in_place else torch.float32).clone()
+
+    def flush(self) -> None:
+        for key, t in self.device_sums.items():
+            host = t.to("cpu", torch.float64)
+            if key in self.host_sums:
+                self.host_sums[key] += host
+            else:
+                self.host_sums[key] = host
+            t.zero_()
+
+
+class GroupCollector:
+    """Forward hooks on one group's unique inputs: per sample, P = x^T x (fp32) into both statistics."""
+
+    def __init__(self, modules: dict[str, torch.nn.Linear], acc: Accumulators, stop_after: Optional[str]):
+        self.acc = acc
+        self.tokens: dict[str, int] = {}
+        self.samples: dict[str, int] = {}
+        self.stop_after = stop_after
+        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name: str):
+        def hook(_module, inputs, _output):
+            x = inputs[0].detach().float()
+            peak = x.amax(dim=(1, 2))  # per sample: the signed max, as torch.max(x) in PEFT / the official code
+            if (peak == 0).any():
+                raise ConfigError(f"{name}: a calibration sample's max activation is 0; the per-sample "
+                                  "normalisation (x / |max(x)|) is undefined")
+            for b in range(x.shape[0]):
+                prod = x[b].T @ x[b]
+                self.acc.add((name, "covariance"), prod)
+                self.acc.add((name, "max_normalized_covariance"), prod / peak[b].square())
+            self.tokens[name] = self.tokens.get(name, 0) + x.shape[0] * x.shape[1]
+            self.samples[name] = self.samples.get(name, 0) + x.shape[0]
+            if name == self.stop_after:
+                raise _StopForward
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+@torch.no_grad()
+def collect_groups(model: torch.nn.Module, linears: dict[str, torch.nn.Linear], windows: Windows,
+                   batch_size: int, alias: dict[str, str], budget_gb: Optional[float], progress: bool = True
+                   ) -> Iterator[tuple[int, dict[str, torch.Tensor], dict[str, int], dict[str, int]]]:
+    """Yield per module group ``(number of groups, sums {"<module>.<statistic>": fp64 host [d_in, d_in]}, tokens,
+    samples)``, keyed by the unique inputs of ``alias`` (:func:`probe_aliases`). One pass over ``windows`` per
+    group; write each group out before asking for the next, so the host holds one group's sums."""
+    device = next(model.parameters()).device
+    batches = batches_of(windows, batch_size)
+    unique = [n for n, a in alias.items() if n == a]
+    sizes = {n: linears[n].in_features ** 2 for n in unique}
+    groups = plan_groups(sizes, 8 if device.type == "cpu" else 4, budget_gb)
+    for index, group in enumerate(groups):
+        acc = Accumulators(device)
+        collector = GroupCollector({n: linears[n] for n in group}, acc,
+                                   group[-1] if index < len(groups) - 1 else None)
+        desc = "calibrate" if len(groups) == 1 else f"calibrate {index + 1}/{len(groups)}"
+        try:
+            for step, batch in enumerate(tqdm(batches, desc=desc, unit="batch", disable=not progress), 1):
+                try:
+                    model(input_ids=batch.to(device), use_cache=False)
+                except _StopForward:
+                    pass
+                if step % FLUSH_EVERY == 0:
+                    acc.flush()
+        finally:
+            collector.remove()
+        acc.flush()
+        sums = {f"{n}.{s}": t for (n, s), t in acc.host_sums.items()}
+        del acc
+        yield len(groups), sums, collector.tokens, collector.samples
+        del sums  # before the next group's pass: the host holds one group's sums at a time
+
+
+class StatisticsWriter:
+    """Writes groups of statistics as they come: ``stats.safetensors`` for a single group, else
+    ``stats-<i>-of-<n>.safetensors`` per group and ``stats.index.json`` (tensor key -> file) at the end."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = Path(out_dir)
+        self.index: dict[str, str] = {}
+        self.written = 0
+
+    def write(self, tensors: dict[str, torch.Tensor], groups: int) -> None:
+        self.written += 1
+        name = STATS_FILE if groups == 1 else f"stats-{self.written:05d}-of-{groups:05d}.safetensors"
+        save_file(tensors, str(self.out_dir / name))
+        self.index.update({key: name for key in tensors})
+
+    def close(self) -> None:
+        if self.written > 1:
+            atomic_write_json(self.out_dir / STATS_INDEX, self.index)
+
+
+class CalibrationStats:
+    """Per-module access to a calibration folder's statistics (one tensor read at a time, never the files).
+
+    ``get(module, statistic)`` -> [d_in, d_in] as stored (fp32), following the alias of a shared input;
+    ``official`` is True when calibration ran ``calibration.official`` (meta.json)."""
+
+    def __init__(self, calibration_dir: Path):
+        self.dir = Path(calibration_dir)
+        meta = read_json(self.dir / "meta.json")
+        self.alias: dict[str, str] = meta["alias"]
+        self.official = bool(meta.get("official", False))
+        self.index = read_json(self.dir / STATS_INDEX) if (self.dir / STATS_INDEX).exists() else None
+        self._last: tuple[str, torch.Tensor] | None = None  # q/k/v (gate/up) ask for one tensor back to back
+
+    def get(self, module: str, statistic: str) -> torch.Tensor:
+        key = f"{self.alias[module]}.{statistic}"
+        if self._last is None or self._last[0] != key:
+            path = self.dir / (self.index.get(key, STATS_FILE) if self.index else STATS_FILE)
+            with safe_open(str(path), framework="pt") as fh:
+                if key not in fh.keys():
+                    raise ConfigError(f"{path} has no '{key}': calibration is older than this lnull; "
+                                      "delete the calibration folder and run `lnull calibrate` again")
+                self._last = (key, fh.get_tensor(key))
+        return self._last[1]
+
+
+def has_statistics(calibration_dir: Optional[Path]) -> bool:
+    return calibration_dir is not None and any((Path(calibration_dir) / f).exists() for f in (STATS_FILE, STATS_INDEX))
+
+
+def load_statistic(calibration_dir: Path, statistic: str = "covariance") -> dict[str, torch.Tensor]:
+    """``{module: statistic [d_in, d_in]}`` from calibration, expanding aliases of shared inputs."""
+    stats = CalibrationStats(calibration_dir)
+    return {name: stats.get(name, statistic) for name in stats.alias}
+
+
+def accumulator_gb(linears: dict[str, torch.nn.Linear], alias: dict[str, str], bytes_per_number: int) -> float:
+    """GiB of both statistics' sums for the unique inputs of ``linears``."""
+    numbers = sum(len(STATS) * linears[n].in_features ** 2 for n, a in alias.items() if n == a)
+    return numbers * bytes_per_number / 2**30
+
+
+def default_budget_gb(device: torch.device, budget_gb: Optional[float]) -> Optional[float]:
+    """``calibration.device_budget_gb``, else :data:`DEFAULT_CUDA_BUDGET_GB` capped at 60% of the free device
+    memory on CUDA, and no limit on the CPU."""
+    if budget_gb is not None or device.type != "cuda":
+        return budget_gb
+    free, _ = torch.cuda.mem_get_info(device)
+    return min(DEFAULT_CUDA_BUDGET_GB, math.floor(0.6 * free / 2**30 * 10) / 10)

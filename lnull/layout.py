@@ -1,0 +1,154 @@
+"""A run folder and every path in it: the one place that knows where a stage's files are.
+
+A run folder (``run.dir``, default ``<run.root>/<experiment>-<hash>``) holds ``config.yaml``,
+``provenance.json``, views (symlinks) of its store entries (``calibration``, ``init``, ``train``, ``export``)
+and the folders of its run-local stages (``eval``, ``analysis``). Stage code asks the layout for paths
+(``layout.view("init") / "base"``), never builds another stage's paths itself.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import yaml
+
+from lnull.errors import ConfigError
+from lnull.io import atomic_write_text, stable_hash, try_read_json
+from lnull.stages import BY_NAME, STAGES, StageKeys
+from lnull.store import MARKER, Store
+
+# Sections that name a run: the default run dir hashes these. `eval` is left out on purpose, so that re-scoring
+# with other benchmarks reuses the same folder (its records are keyed on their own).
+IDENTITY_SECTIONS = ("experiment", "model", "method", "calibration", "task", "train", "accelerate")
+
+
+def default_run_dir(cfg: dict[str, Any]) -> Path:
+    """``<run.root>/<experiment>-<hash of the identity sections>``; never a timestamp, so every process of a
+    multi-process launch computes the same folder."""
+    ident = {k: cfg.get(k) for k in IDENTITY_SECTIONS}
+    return Path(cfg["run"]["root"]) / f"{cfg['experiment']}-{stable_hash(ident, 10)}"
+
+
+def run_dir_of(cfg: dict[str, Any]) -> Path:
+    return Path(cfg["run"]["dir"]) if cfg["run"].get("dir") else default_run_dir(cfg)
+
+
+def store_root(cfg: dict[str, Any]) -> Path:
+    """``store.root``, or ``store/`` beside the run folder (``<run.root>/store`` for default run folders)."""
+    if cfg.get("store", {}).get("root"):
+        return Path(cfg["store"]["root"])
+    return run_dir_of(cfg).resolve().parent / "store"
+
+
+class RunLayout:
+    """One run: its folder, its store, the keys of its stages and the paths of their outputs."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        self.dir = run_dir_of(cfg)
+        self.cfg = {**cfg, "run": {**cfg["run"], "dir": str(self.dir)}}
+        self.store = Store(store_root(cfg))
+        self.keys = StageKeys(self.cfg, complete=lambda stage: BY_NAME[stage].stored and self.is_complete(stage))
+
+    @classmethod
+    def create(cls, cfg: dict[str, Any]) -> "RunLayout":
+        """The layout with its folder made (checked writable) and ``config.yaml`` written."""
+        layout = cls(cfg)
+        try:
+            layout.dir.mkdir(parents=True, exist_ok=True)
+            probe = layout.dir / ".write-probe"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(f"run.dir '{layout.dir}' is not writable: {exc.strerror or exc}") from None
+        atomic_write_text(layout.dir / "config.yaml", yaml.safe_dump(layout.cfg, sort_keys=False))
+        return layout
+
+    # ------------------------------------------------------------------ paths
+
+    def view(self, stage: str) -> Path:
+        """The stage's folder as the run shows it (a view of the store entry, or the run-local folder)."""
+        return self.dir / BY_NAME[stage].folder
+
+    def partial(self, stage: str) -> Path:
+        """Work folder of a run-local stage (stored stages work in the store's partial folder)."""
+        return self.dir / f"{BY_NAME[stage].folder}.partial"
+
+    def entry(self, stage: str) -> Path:
+        """The store entry of this run's key of a stored stage."""
+        return self.store.entry(BY_NAME[stage].folder, self.keys[stage])
+
+    def marker(self, stage: str) -> Optional[dict[str, Any]]:
+        """complete.json of a stored stage's entry for this run's key (None when not complete)."""
+        return self.store.marker(BY_NAME[stage].folder, self.keys[stage])
+
+    def is_complete(self, stage: str) -> bool:
+        """A stored stage: its entry for this run's key is complete. A run-local one: its folder was computed
+        for this run's key (``complete.json``)."""
+        s = BY_NAME[stage]
+        if s.always:
+            return False
+        if s.stored:
+            return self.store.marker(s.folder, self.keys[stage]) is not None
+        marker = try_read_json(self.view(stage) / MARKER)
+        return isinstance(marker, dict) and marker.get("key") == self.keys[stage]
+
+    def input(self, stage: str) -> Path:
+        """The completed output folder of an upstream stage (store entry or run-local folder)."""
+        if not self.is_complete(stage):
+            raise ConfigError(f"stage '{stage}' is not complete for this config: run `lnull {stage}` or `lnull run`")
+        return self.entry(stage) if BY_NAME[stage].stored else self.view(stage)
+
+    def maybe_input(self, stage: str) -> Optional[Path]:
+        return self.input(stage) if self.is_complete(stage) else None
+
+    # ------------------------------------------------------------------ views
+
+    def link(self, stage: str) -> None:
+        """Point the run's view of a stored stage at this run's entry (a relative symlink when possible)."""
+        view, target = self.view(stage), self.entry(stage)
+        try:
+            rel = os.path.relpath(target, self.dir.resolve())
+        except ValueError:  # another drive
+            rel = str(target)
+        if view.is_symlink() and os.readlink(view) == rel:
+            return
+        tmp = view.with_name(f".{view.name}.link")
+        tmp.unlink(missing_ok=True)
+        os.symlink(rel, tmp)
+        if view.exists() and not view.is_symlink():  # a folder from before views existed
+            shutil.rmtree(view)
+        os.replace(tmp, view)
+
+    def drop_stale_views(self, log: Callable[[str], None] = print) -> list[str]:
+        """Unlink views (and run-local folders) computed for other keys than this config's: a changed config
+        invalidates that stage and everything after it in this run (the store keeps the old entries)."""
+        dropped = []
+        for stage in STAGES:
+            view = self.view(stage.name)
+            if stage.always or not (view.exists() or view.is_symlink()):
+                continue
+            try:
+                fresh = self.is_complete(stage.name) and (not stage.stored or view.resolve() == self.entry(stage.name))
+            except ConfigError:  # its key needs inputs that are missing now: leave the view alone
+                continue
+            if not fresh:
+                if view.is_symlink():
+                    view.unlink()
+                else:
+                    shutil.rmtree(view)
+                dropped.append(stage.folder)
+        if dropped:
+            log(f"[run] config changed: dropped {', '.join(dropped)} from {self.dir} (the store keeps them)")
+        return dropped
+
+    def used(self) -> dict[str, Any]:
+        """The store keys this run's views point at (for the store's refs)."""
+        entries = {}
+        for stage in STAGES:
+            view = self.view(stage.name)
+            if stage.stored and view.is_symlink() and view.exists():
+                entries[stage.folder] = view.resolve().name
+        records = try_read_json(self.view("evaluate") / "results.json") or {}
+        return {"entries": entries, "records": [r["key"] for r in records.get("results", [])]}

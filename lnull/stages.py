@@ -1,0 +1,172 @@
+"""The one table of stages: name, folder, what each reads, what enters its key, and how it runs.
+
+``lnull run``, every stage command, the CLI help, the store keys and the invalidation of a run's views all
+read :data:`STAGES`. A stage's key is the hash of exactly what it reads: the config values of
+``key_inputs(cfg)`` plus the keys of the upstream stages it reads (``reads(cfg)``), so
+
+- calibration is keyed by (model weights, target modules, BOS, calibration section): a rank sweep, or
+  LoRA-Null v1/v2 and CorDA on one model, calibrate once;
+- init by (calibration key when the method reads a statistic, model, dtype, the method's own options);
+- train by (init key, task and its data, train recipe, launch), export by the train key;
+- evaluation per record (``lnull.evaluate``), by (scored model's key, benchmark settings, scorer version).
+
+Resource and logging knobs that do not change a result (``calibration.device_budget_gb``, ``train.log_every``,
+``train.checkpoint_every``, ``train.wandb*``) are left out of the keys. Every stage runs as
+``run(cfg, ctx) -> summary`` (``lnull.pipeline.StageContext``).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from lnull.io import stable_hash
+
+Config = dict[str, Any]
+
+UNHASHED = {"calibration": ("device_budget_gb",),
+            "train": ("log_every", "checkpoint_every", "wandb", "wandb_project")}
+
+
+def _section(cfg: Config, name: str) -> Any:
+    """A config section without its unhashed knobs."""
+    value = cfg.get(name)
+    if isinstance(value, dict):
+        return {k: v for k, v in value.items() if k not in UNHASHED.get(name, ())}
+    return value
+
+
+def _method(cfg: Config) -> Any:
+    from lnull.methods import REGISTRY
+
+    return REGISTRY[cfg["method"]["name"]]
+
+
+def model_identity(cfg: Config) -> dict[str, Any]:
+    from lnull.modeling import model_fingerprint
+
+    return model_fingerprint(cfg["model"]["name_or_path"], cfg.get("cache_dir"))
+
+
+def _calibrate_inputs(cfg: Config) -> dict[str, Any]:
+    m = cfg["model"]
+    return {"model": model_identity(cfg), "target_modules": m["target_modules"], "add_bos": m["add_bos"],
+            "calibration": _section(cfg, "calibration")}
+
+
+def _init_inputs(cfg: Config) -> dict[str, Any]:
+    m = cfg["model"]
+    return {"model": model_identity(cfg), "dtype": m["dtype"], "target_modules": m["target_modules"],
+            "method": _method(cfg).key_options(cfg["method"])}
+
+
+def _train_inputs(cfg: Config) -> dict[str, Any]:
+    from lnull.data.sources import data_fingerprint
+
+    task = cfg["task"]
+    return {"task": task, "data": data_fingerprint(task["dataset"], cfg.get("cache_dir")),
+            "train": _section(cfg, "train"), "accelerate": cfg.get("accelerate"), "add_bos": cfg["model"]["add_bos"]}
+
+
+def _nothing(cfg: Config) -> dict[str, Any]:
+    return {}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline.
+
+    ``folder``: its folder in a run (and namespace in the store); ``stored``: output content-addressed in the
+    store (the run holds a view) or written into the run itself; ``reads(cfg)``: upstream stages it reads;
+    ``optional_reads``: upstream stages it uses when complete but never requires; ``sections``: config values
+    it reads (for help and docs; ``key_inputs`` computes them); ``applies(cfg)``: whether ``lnull run`` runs it
+    for this config (calibration only for methods that read a statistic)."""
+
+    name: str
+    folder: str
+    help: str
+    runner: str  # "module:function", imported when the stage runs
+    sections: tuple[str, ...]
+    key_inputs: Callable[[Config], dict[str, Any]] = _nothing
+    reads: Callable[[Config], tuple[str, ...]] = lambda cfg: ()
+    optional_reads: tuple[str, ...] = ()
+    stored: bool = True
+    always: bool = False  # rebuilt whenever asked (its inputs are other runs' records); needs no run folder
+    output_dir: Optional[Callable[[Config], str]] = None  # where an ``always`` stage writes
+    applies: Callable[[Config], bool] = lambda cfg: True
+
+    def function(self) -> Callable[[Config, Any], dict[str, Any]]:
+        module, _, name = self.runner.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("calibrate", "calibration", "collect input covariances of the targeted linear layers on calibration text",
+          "lnull.calibrate:run", ("model.name_or_path", "model.target_modules", "model.add_bos", "calibration"),
+          key_inputs=_calibrate_inputs, applies=lambda cfg: _method(cfg).needs_calibration),
+    Stage("init", "init", "initialise adapters with the chosen method; write residual base + PEFT adapter",
+          "lnull.initialize:run", ("model.name_or_path", "model.dtype", "model.target_modules", "method"),
+          key_inputs=_init_inputs,
+          reads=lambda cfg: ("calibrate",) if _method(cfg).needs_calibration else ()),
+    Stage("train", "train", "fine-tune the initialised model on the task data", "lnull.train:run",
+          ("task", "train", "accelerate", "model.add_bos"), key_inputs=_train_inputs, reads=lambda cfg: ("init",)),
+    Stage("evaluate", "eval", "score base / init / trained models on the eval benchmarks (one stored record each)",
+          "lnull.evaluate:run", ("eval", "model.add_bos", "model.dtype"), stored=False,
+          key_inputs=lambda cfg: {"eval": cfg["eval"], "model": model_identity(cfg), "dtype": cfg["model"]["dtype"],
+                                  "add_bos": cfg["model"]["add_bos"]},
+          reads=lambda cfg: tuple(s for s, which in (("init", ("init", "trained")), ("train", ("trained",)))
+                                  if set(which) & set(cfg["eval"]["models"]))),
+    Stage("export", "export", "write a merged HF model and a LoRA adapter on the original model",
+          "lnull.export:run", (), reads=lambda cfg: ("init", "train")),
+    Stage("analyze", "analysis", "effective ranks, spectra, projection profile, Table 1, rho_k, relative change",
+          "lnull.analysis:run", ("analysis",), key_inputs=lambda cfg: {"analysis": cfg["analysis"]},
+          optional_reads=("calibrate", "init", "train"), stored=False),
+    Stage("table", "tables", "build paper-style tables from every run's result records (results/tables/)",
+          "lnull.tables:run", ("table",), stored=False, always=True, output_dir=lambda cfg: cfg["table"]["out_dir"]),
+)
+BY_NAME = {stage.name: stage for stage in STAGES}
+DEFAULT_CHAIN = ("calibrate", "init", "train", "evaluate")
+
+
+def upstream(stage: Stage, cfg: Config) -> tuple[str, ...]:
+    """Every stage whose key ``stage``'s key depends on: what it reads and, optionally, uses."""
+    return tuple(dict.fromkeys(stage.reads(cfg) + stage.optional_reads))
+
+
+class StageKeys:
+    """Key of each stage for one config (16 hex): hash(stage name, its key inputs, its upstream stages' keys).
+
+    Computed on first use, so a stage command never needs what only later stages read (a task file, say).
+    ``complete(stage)`` (given by a run layout) tells which optional upstream outputs exist: only those enter
+    the key of a stage that uses them when present (``analyze``), so it is redone when one appears."""
+
+    def __init__(self, cfg: Config, complete: Optional[Callable[[str], bool]] = None):
+        self.cfg = cfg
+        self.complete = complete
+        self._inputs: dict[str, dict[str, Any]] = {}
+        self._keys: dict[str, str] = {}
+
+    def inputs(self, name: str) -> dict[str, Any]:
+        if name not in self._inputs:
+            self._inputs[name] = BY_NAME[name].key_inputs(self.cfg)
+        return self._inputs[name]
+
+    def upstream(self, name: str) -> dict[str, str]:
+        stage = BY_NAME[name]
+        used = [u for u in upstream(stage, self.cfg) if u in stage.reads(self.cfg) or self.complete is None
+                or self.complete(u)]
+        return {u: self[u] for u in used}
+
+    def __getitem__(self, name: str) -> str:
+        if BY_NAME[name].always:
+            raise KeyError(f"stage '{name}' has no key: it is rebuilt whenever asked")
+        if BY_NAME[name].optional_reads and self.complete is not None:  # depends on what exists now
+            return stable_hash({"stage": name, "inputs": self.inputs(name), "upstream": self.upstream(name)})
+        if name not in self._keys:
+            self._keys[name] = stable_hash({"stage": name, "inputs": self.inputs(name),
+                                            "upstream": self.upstream(name)})
+        return self._keys[name]
+
+    def record(self, name: str) -> dict[str, Any]:
+        """What a stage entry's ``complete.json`` records of its identity: its inputs and upstream keys."""
+        return {"stage": name, "key": self[name], "inputs": self.inputs(name), "upstream": self.upstream(name)}
