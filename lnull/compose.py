@@ -59,9 +59,13 @@ def compose(overrides: Optional[list[str]] = None) -> dict[str, Any]:
     """Resolved, validated config dict for ``overrides`` (what `lnull` would run), for library use and tests."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
     register_schema()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+    if GlobalHydra.instance().is_initialized():  # inside `lnull <command>` (hydra.main on CONFIG_DIR)
         cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+    else:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
     validate(cfg)
     return to_container(cfg)

@@ -186,17 +186,65 @@ class EvalConfig:
     models: list[str] = field(default_factory=lambda: ["trained"])
     engine: str = "hf"  # hf (batched generate, KV cache) | vllm (when installed)
     seed: int = 1234
+    max_new_tokens: Optional[int] = None  # cap on every generated answer (demo scale); None = each protocol's
     code: CodeEvalConfig = field(default_factory=CodeEvalConfig)
     mtbench: MTBenchConfig = field(default_factory=MTBenchConfig)
 
 
 @dataclass
+class TableRowConfig:
+    """One row of a paper table: a method of the table's experiment. ``rank`` / ``calibration_samples`` are the
+    paper's values (divided by ``scale.rank_divisor`` / ``scale.calib_divisor`` at demo scale; None = the
+    experiment's); ``reported``: the method's name in the papers' CSV (default: ``method``)."""
+
+    method: str = MISSING
+    label: Optional[str] = None
+    rank: Optional[int] = None
+    calibration_samples: Optional[int] = None
+    reported: Optional[str] = None  # analysis tables: the paper's qualitative verdict for this row
+
+
+@dataclass
 class TableConfig:
-    """Paper-style table built from run results."""
+    """A table built from stored result records (``lnull.tables``).
+
+    ``rows`` empty: the generic summary of every run under ``run.root`` (or ``runs``). Otherwise a paper table:
+    each row runs ``experiment`` with its method (``run_missing``: computes what the store lacks first), the
+    pre-trained row comes first, and the columns are ``knowledge``, ``downstream`` and ``derived`` (avg1,
+    avg1_per, avg2, gm as the AAAI paper; avg as the extended one); ``sweep``: the config key whose value is
+    the x-axis of a figure; ``reported``: ``<source>:<table>`` of the papers' numbers to compare with;
+    ``kind: analysis``: AAAI Tables 1-2 from ``lnull analyze`` (``analysis_part``: table1 | effective_rank).
+    ``audit``: recompute every derived column of the reported tables instead (``lnull table --audit``).
+    """
 
     name: str = "summary"
-    runs: list[str] = field(default_factory=list)  # run folders; empty = every run under run.root
+    title: str = ""
+    kind: str = "results"  # results | analysis
+    experiment: Optional[str] = None
+    base_label: Optional[str] = None
+    rows: list[TableRowConfig] = field(default_factory=list)
+    knowledge: list[str] = field(default_factory=lambda: ["triviaqa", "nq_open", "webqs"])
+    downstream: list[str] = field(default_factory=list)
+    derived: list[str] = field(default_factory=list)
+    sweep: Optional[str] = None
+    reported: Optional[str] = None
+    analysis_part: Optional[str] = None
+    runs: list[str] = field(default_factory=list)  # summary: run folders; empty = every run under run.root
     out_dir: str = "results/tables"
+    reported_dir: str = "results/reported"
+    run_missing: bool = False
+    overrides: list[str] = field(default_factory=list)  # extra Hydra overrides of every row (e.g. model=tiny)
+    audit: bool = False
+
+
+@dataclass
+class ScaleConfig:
+    """How big the papers' recipes run: ``paper``, or ``demo`` (``+scale=demo``: SmolLM2 on CPU, offline).
+    Paper tables divide their rows' ranks and calibration sizes by these (e.g. 235 -> 15 at demo scale)."""
+
+    name: str = "paper"
+    rank_divisor: int = 1
+    calib_divisor: int = 1
 
 
 @dataclass
@@ -238,6 +286,7 @@ class LnullConfig:
     table: TableConfig = field(default_factory=TableConfig)
     accelerate: Optional[AccelerateConfig] = None  # None = single process in this process
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
     run: RunConfig = field(default_factory=RunConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     cache_dir: Optional[str] = None  # offline asset cache; None = $LNULL_CACHE or ~/.cache/lnull
@@ -269,6 +318,11 @@ def check_values(cfg: DictConfig | LnullConfig) -> None:
         raise ConfigError(f"device must be auto, cpu or cuda, got '{cfg.device}'")
     if cfg.analysis.k < 1:
         raise ConfigError(f"analysis.k must be >= 1, got {cfg.analysis.k}")
+    if cfg.scale.rank_divisor < 1 or cfg.scale.calib_divisor < 1:
+        raise ConfigError(f"scale.rank_divisor and scale.calib_divisor must be >= 1, got {cfg.scale.rank_divisor}, "
+                          f"{cfg.scale.calib_divisor}")
+    if cfg.eval.max_new_tokens is not None and cfg.eval.max_new_tokens < 1:
+        raise ConfigError(f"eval.max_new_tokens must be >= 1 or null, got {cfg.eval.max_new_tokens}")
     check_train_config(cfg)
 
 

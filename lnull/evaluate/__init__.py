@@ -56,10 +56,19 @@ def model_source(layout: Any, which: str) -> tuple[str, Optional[str], str]:
         (str(init / "base"), None, str(init / "base"))
 
 
+def scored_key(layout: Any, which: str) -> str:
+    """Key of the weights ``which`` scores: the run's init or train key, or a hash of the weights of the base
+    model or of a model folder, so every run on one model shares its base records."""
+    cfg = layout.cfg
+    if which in ("init", "trained"):
+        return layout.keys["train" if which == "trained" else "init"]
+    name = cfg["model"]["name_or_path"] if which == "base" else which
+    return stable_hash({"base" if which == "base" else "path": model_fingerprint(name, cfg.get("cache_dir"))})
+
+
 def scored_model(layout: Any, which: str) -> tuple[str, dict[str, Any], ModelIdentity]:
-    """(key of the scored weights, the complete.json markers of the store entries they came from, the
-    pre-trained model's identity). The base model's key depends only on its weights, so every run on one
-    model shares its base records."""
+    """(:func:`scored_key`, the complete.json markers of the store entries the weights came from, the
+    pre-trained model's identity)."""
     cfg, keys = layout.cfg, layout.keys
     m = cfg["model"]
     markers: dict[str, Any] = {}
@@ -67,17 +76,19 @@ def scored_model(layout: Any, which: str) -> tuple[str, dict[str, Any], ModelIde
         stages = ("train", "init") if which == "trained" else ("init",)
         for stage in stages + tuple(s for s in ("calibrate",) if s in keys.upstream("init")):
             markers[stage] = layout.marker(stage)
-        key = keys["train" if which == "trained" else "init"]
         weights = markers["init"]["inputs"]["model"]
-    elif which == "base":
-        weights = model_fingerprint(m["name_or_path"], cfg.get("cache_dir"))
-        key = stable_hash({"base": weights})
     else:
-        weights = model_fingerprint(which, cfg.get("cache_dir"))
-        key = stable_hash({"path": weights})
+        weights = model_fingerprint(m["name_or_path"] if which == "base" else which, cfg.get("cache_dir"))
     identity = ModelIdentity(name=m["name"], name_or_path=weights["name_or_path"], sha256=weights["sha256"],
                              dtype=m["dtype"])
-    return key, markers, identity
+    return scored_key(layout, which), markers, identity
+
+
+def expected_records(layout: Any, which: str) -> dict[str, str]:
+    """{benchmark: record key} of the layout's config for the model ``which`` (nothing is computed)."""
+    model_key = scored_key(layout, which)
+    return {name: record_key(layout.cfg, model_key, name, bench) for name, bench in
+            layout.cfg["eval"]["benchmarks"].items()}
 
 
 def record_key(cfg: dict[str, Any], model_key: str, name: str, bench: dict[str, Any]) -> str:
@@ -86,7 +97,7 @@ def record_key(cfg: dict[str, Any], model_key: str, name: str, bench: dict[str, 
     ev = cfg["eval"]
     inputs = {"model": model_key, "benchmark": name, "bench": bench, "dtype": cfg["model"]["dtype"],
               "add_bos": cfg["model"]["add_bos"], "scorer": scorer_version(bench["kind"]),
-              "eval": {k: ev[k] for k in ("limit", "batch_size", "engine", "seed")}}
+              "eval": {k: ev.get(k) for k in ("limit", "batch_size", "engine", "seed", "max_new_tokens")}}
     if bench["kind"] == "code":
         inputs["code"] = {k: v for k, v in ev["code"].items() if k != "workers"}
     if bench["kind"] == "mtbench":
@@ -192,9 +203,9 @@ def run(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
     device = pick_device(cfg["device"])
     records, counts = [], {"scored": 0, "reused": 0}
     for which in cfg["eval"]["models"]:
-        model_key, markers, base_model = scored_model(layout, which)
+        _, markers, base_model = scored_model(layout, which)
         identity = lineage(markers, base_model)
-        keys = {name: record_key(cfg, model_key, name, bench) for name, bench in benchmarks.items()}
+        keys = expected_records(layout, which)
         pending = [n for n in benchmarks if store.read_record(keys[n]) is None]
         loaded = None
         for name, bench in benchmarks.items():

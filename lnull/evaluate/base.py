@@ -59,7 +59,10 @@ class EvalContext:
     def generate(self, prompts: list[str], max_new_tokens: int, stop: Sequence[str] = (), temperature: float = 0.0,
                  top_p: float = 1.0, seed: Optional[int] = None, desc: str = "generate",
                  max_length: Optional[int] = None) -> list[str]:
-        """Completions with the configured engine; wall time accumulates in ``timings['generate_s']``."""
+        """Completions with the configured engine (at most ``eval.max_new_tokens`` new tokens when set); wall
+        time accumulates in ``timings['generate_s']``."""
+        if self.eval_cfg.get("max_new_tokens"):
+            max_new_tokens = min(max_new_tokens, self.eval_cfg["max_new_tokens"])
         start = time.perf_counter()
         if self.eval_cfg["engine"] == "vllm":
             from lnull.evaluate.vllm_engine import generate_vllm
@@ -76,4 +79,4 @@ class EvalContext:
     def settings(self, **extra: Any) -> dict[str, Any]:
         """Generation settings every record carries, plus the scorer's own."""
         return {"engine": self.eval_cfg["engine"], "add_bos": self.add_bos, "batch_size": self.eval_cfg["batch_size"],
-                "seed": self.eval_cfg["seed"], **extra}
+                "seed": self.eval_cfg["seed"], "max_new_tokens_cap": self.eval_cfg.get("max_new_tokens"), **extra}

@@ -1,4 +1,5 @@
-"""Stage `table`: paper-style tables built only from runs' validated result records (``eval/results.json``)."""
+"""The generic summary table (``table=summary``): every run's validated result records (``eval/results.json``)
+pivoted to rows (experiment, method, rank, calibration samples, model) x benchmarks."""
 from __future__ import annotations
 
 import csv
@@ -61,24 +62,16 @@ def to_markdown(header: list[str], body: list[list[str]]) -> str:
 
 
 def to_latex(header: list[str], body: list[list[str]]) -> str:
-    esc = lambda s: s.replace("_", r"\_")  # noqa: E731
+    from lnull.tables.render import latex_escape as esc
+
     lines = [r"\begin{tabular}{" + "l" * len(ROW_KEYS) + "r" * (len(header) - len(ROW_KEYS)) + "}", r"\toprule",
              " & ".join(map(esc, header)) + r" \\", r"\midrule"]
     lines += [" & ".join(map(esc, row)) + r" \\" for row in body]
     return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"]) + "\n"
 
 
-def build_tables(cfg: dict[str, Any]) -> list[Path]:
-    """`lnull table`: ``<table.out_dir>/<table.name>.{md,tex,csv}``; return the paths."""
-    from lnull.pipeline import run_pipeline
-
-    run_pipeline(cfg, stages=["table"])
-    out = Path(cfg["table"]["out_dir"])
-    return [out / f"{cfg['table']['name']}.{ext}" for ext in ("md", "tex", "csv")]
-
-
-def run(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
-    """Stage entry: write the table of ``table.runs`` (default: every run under ``run.root``) into ``ctx.out``."""
+def summary_table(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Write the table of ``table.runs`` (default: every run under ``run.root``) into ``out_dir``."""
     tcfg = cfg["table"]
     root = Path(cfg["run"]["root"])
     run_dirs = [Path(p) for p in tcfg["runs"]] or run_folders(root)
@@ -90,7 +83,7 @@ def run(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
     csv.writer(buf).writerows([header] + body)
     paths = []
     for ext, text in (("md", to_markdown(header, body)), ("tex", to_latex(header, body)), ("csv", buf.getvalue())):
-        path = Path(ctx.out) / f"{tcfg['name']}.{ext}"
+        path = Path(out_dir) / f"{tcfg['name']}.{ext}"
         atomic_write_text(path, text)
         paths.append(str(path))
     return {"rows": len(body), "paths": paths}

@@ -1,0 +1,131 @@
+"""Rendering paper tables: Markdown, LaTeX (booktabs, escaped) and CSV, best bold, runner-up underlined.
+
+A missing cell is never 0: it shows "—" with a footnote saying why (not run, not scored).
+"""
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any, Optional
+
+from lnull.tables.paper import Cell, Row
+from lnull.tables.reported import ReportedRow
+
+LABELS = {"triviaqa": "TriviaQA", "nq_open": "NQ Open", "webqs": "WebQS", "gsm8k": "GSM8K", "math": "MATH",
+          "humaneval": "HumanEval", "mbpp": "MBPP", "mt_bench": "MT-Bench", "avg1": "Avg1", "avg1_per": "Avg1(Per)",
+          "avg2": "Avg2", "gm": "GM", "avg": "Avg"}
+MISSING = "—"
+LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+                 "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def label(column: str) -> str:
+    return LABELS.get(column, column)
+
+
+def params_text(n: Optional[int]) -> str:
+    """Trainable parameters as the papers print them: 320M, 6,738M (small models: 12.3K)."""
+    if n is None:
+        return "-"
+    return f"{round(n / 1e6):,}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
+def ranks(rows: list[Row], column: str) -> dict[int, int]:
+    """{row index: 1 (best) or 2 (runner-up)} among method rows (not the pre-trained one); higher is better,
+    ties share a place."""
+    values = sorted({r.cells[column].value for r in rows if not r.is_base and r.cells[column].value is not None},
+                    reverse=True)
+    place = {}
+    for i, row in enumerate(rows):
+        v = row.cells[column].value
+        if not row.is_base and v is not None and v in values[:2]:
+            place[i] = values.index(v) + 1
+    return place
+
+
+def _number(cell: Cell, stderr: bool) -> str:
+    if cell.value is None:
+        return MISSING
+    return f"{cell.value:.2f}" + (f" ± {cell.stderr:.2f}" if stderr and cell.stderr is not None else "")
+
+
+def footnotes(rows: list[Row]) -> list[str]:
+    reasons = sorted({c.missing for r in rows for c in r.cells.values() if c.missing})
+    text = {"not run": "not run yet (no record in the store: `lnull table ... table.run_missing=true`)",
+            "not scored": "not scored (the scorer recorded no value, e.g. MT-Bench without a judge)",
+            "not computable": "not computable (an input is missing, or a pre-trained score is 0)"}
+    return [f"{MISSING} {text.get(r, r)}" for r in reasons]
+
+
+def markdown(title: str, rows: list[Row], cols: list[str]) -> str:
+    """The reproduced table: value ± standard error, best **bold**, runner-up <u>underlined</u>."""
+    marks = {c: ranks(rows, c) for c in cols}
+    lines = [f"### {title}", "", "| Method | #Params | " + " | ".join(label(c) for c in cols) + " |",
+             "|---|---:|" + "---:|" * len(cols)]
+    for i, row in enumerate(rows):
+        cells = []
+        for c in cols:
+            text = _number(row.cells[c], stderr=True)
+            place = marks[c].get(i)
+            cells.append(f"**{text}**" if place == 1 else f"<u>{text}</u>" if place == 2 else text)
+        lines.append(f"| {row.label} | {params_text(row.params)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + [""] + footnotes(rows)) + "\n"
+
+
+def comparison_markdown(rows: list[Row], cols: list[str], reported: list[Optional[ReportedRow]]) -> str:
+    """Reproduced, reported and their difference side by side (``ours / paper (Δ)``)."""
+    lines = ["### Reproduced vs reported (ours / paper (difference))", "",
+             "| Method | " + " | ".join(label(c) for c in cols) + " |", "|---|" + "---:|" * len(cols)]
+    for row, rep in zip(rows, reported):
+        cells = []
+        for c in cols:
+            ours = row.cells[c].value
+            paper = rep.values.get(c) if rep else None
+            cells.append(f"{'—' if ours is None else f'{ours:.2f}'} / {'n/a' if paper is None else f'{paper:.2f}'}"
+                         + (f" ({ours - paper:+.2f})" if ours is not None and paper is not None else ""))
+        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + ["", "n/a: the paper prints no value there (or the row is not transcribed)."]) + "\n"
+
+
+def latex_escape(text: str) -> str:
+    return "".join(LATEX_SPECIAL.get(ch, ch) for ch in text)
+
+
+def latex(title: str, rows: list[Row], cols: list[str]) -> str:
+    """A booktabs tabular (escaped): header, pre-trained row, a rule, the methods; \\textbf best, \\underline
+    runner-up; missing cells as --- with the footnotes as a comment."""
+    marks = {c: ranks(rows, c) for c in cols}
+    out = [f"% {latex_escape(title)}", r"\begin{tabular}{l r " + "r" * len(cols) + "}", r"\toprule",
+           " & ".join(["Method", r"\#Params"] + [latex_escape(label(c)) for c in cols]) + r" \\", r"\midrule"]
+    for i, row in enumerate(rows):
+        cells = []
+        for c in cols:
+            v = row.cells[c].value
+            text = "---" if v is None else f"{v:.2f}"
+            place = marks[c].get(i)
+            cells.append(rf"\textbf{{{text}}}" if place == 1 else rf"\underline{{{text}}}" if place == 2 else text)
+        out.append(" & ".join([latex_escape(row.label), latex_escape(params_text(row.params))] + cells) + r" \\")
+        if row.is_base:
+            out.append(r"\midrule")
+    out += [r"\bottomrule", r"\end{tabular}"] + [f"% {latex_escape(n)}" for n in footnotes(rows)]
+    return "\n".join(out) + "\n"
+
+
+def csv_text(rows: list[Row], cols: list[str], reported: list[Optional[ReportedRow]]) -> str:
+    """Long format: one line per (row, column) with value, stderr, status, reported and difference."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["row", "method", "params", "sweep", "column", "value", "stderr", "status", "reported",
+                     "difference"])
+    for row, rep in zip(rows, reported):
+        for c in cols:
+            cell = row.cells[c]
+            paper = rep.values.get(c) if rep else None
+            writer.writerow([row.label, row.method, row.params or "", row.x if row.x is not None else "",
+                             c, _fmt(cell.value), _fmt(cell.stderr), cell.missing or "ok", _fmt(paper),
+                             _fmt(cell.value - paper if cell.value is not None and paper is not None else None)])
+    return buf.getvalue()
+
+
+def _fmt(value: Any) -> str:
+    return "" if value is None else f"{value:.4f}"
