@@ -11,11 +11,13 @@ SWEEP := $(if $(filter demo,$(SCALE)),_demo,)
 OUT_ARG := table.out_dir=results/tables$(if $(filter demo,$(SCALE)),/demo,)
 TABLE := $(BIN)/lnull table table.run_missing=true $(SCALE_ARG) $(OUT_ARG)
 
-.PHONY: help env assets demo tiny test test-slow test-all clean list audit figures sweep-rank sweep-calib \
+.PHONY: help env assets demo sweep-lr tiny test test-slow test-all clean list audit figures sweep-rank sweep-calib \
 	table1 table2 table3 table4 ext-table1 ext-table2 ext-table3 ext-table4 ext-table5
 
 help:
-	@echo "make demo       set up, fetch offline assets, run +experiment=demo (SmolLM2-135M-Instruct, CPU)"
+	@echo "make demo       set up, fetch offline assets, then five methods on SmolLM2-135M-Instruct (CPU, ~15 min):"
+	@echo "                knowledge kept vs task learned, results/tables/demo.{md,tex,csv,png} [SEEDS=3]"
+	@echo "make sweep-lr   the demo table with each method at LRS=$(LRS), best per method [SEEDS=..]"
 	@echo "make test       set up and run the default test suite (no network, ~5 min on 2 cores)"
 	@echo "make test-slow  tests marked slow; make test-all: everything incl. integration (needs assets)"
 	@echo "make tiny       lnull run +experiment=tiny (seconds)"
@@ -37,8 +39,15 @@ env: $(STAMP)
 assets: $(STAMP)
 	$(BIN)/lnull assets
 
+# The demo: five methods on SmolLM2 + one table and figure (results/tables/demo.*); SEEDS=3 repeats each fine-tune.
+SEEDS ?= 1
+LRS ?= 2e-4,5e-4,1e-3
 demo: assets
-	$(BIN)/lnull run +experiment=demo
+	$(BIN)/lnull table table=demo table.run_missing=true table.seeds=$(SEEDS)
+
+# Does the ordering survive tuning the learning rate? Each method at LRS, its best by held-out accuracy.
+sweep-lr: assets
+	$(BIN)/lnull table table=demo table.name=demo_lr table.run_missing=true table.seeds=$(SEEDS) "table.lrs=[$(LRS)]"
 
 tiny: $(STAMP)
 	$(BIN)/lnull run +experiment=$(EXP)

@@ -87,6 +87,8 @@ class TaskConfig:
     response_field: str = "response"
     max_examples: Optional[int] = 100_000
     prompt: str = "alpaca"
+    # held-out examples of the task for ``eval=heldout`` (records the task trains on are dropped from them)
+    heldout: Optional[str] = None
 
 
 @dataclass
@@ -136,7 +138,9 @@ class BenchmarkConfig:
 
     kinds: ``lm_eval`` (an lm-eval task: knowledge, commonsense), ``math`` (GSM8K/MATH grader),
     ``code`` (HumanEval/MBPP pass@1), ``mtbench`` (MT-Bench answers + optional judge),
-    ``qa_exact_match`` (plain generative exact match over any records, e.g. synthetic facts).
+    ``qa_exact_match`` (plain generative exact match over any records, e.g. synthetic facts),
+    ``lm_eval_nll`` / ``text_nll`` (gold-answer / general-text NLL per token, ``lnull.evaluate.likelihood``),
+    ``task_heldout`` (held-out examples of the run's fine-tuning task, ``lnull.evaluate.heldout``).
     """
 
     kind: str = MISSING
@@ -149,6 +153,10 @@ class BenchmarkConfig:
     max_new_tokens: int = 24
     prompt: Optional[str] = None  # qa_exact_match: "...{question}..."; None = the kind's protocol prompt
     num_fewshot: int = 0
+    # lm_eval_nll: template of the gold answer (None: the task's, lnull.evaluate.likelihood.ANSWER_TARGET);
+    # text_nll: template of the text to score, e.g. "{{passage}}"
+    target: Optional[str] = None
+    limit: Optional[int] = None  # items of this benchmark (None: eval.limit; the bigcode backend reads eval.limit)
 
 
 @dataclass
@@ -204,6 +212,9 @@ class TableRowConfig:
     reported: Optional[str] = None  # analysis tables: the paper's qualitative verdict for this row
 
 
+TABLE_KINDS = ("results", "analysis", "retention")
+
+
 @dataclass
 class TableConfig:
     """A table built from stored result records (``lnull.tables``).
@@ -213,13 +224,14 @@ class TableConfig:
     pre-trained row comes first, and the columns are ``knowledge``, ``downstream`` and ``derived`` (avg1,
     avg1_per, avg2, gm as the AAAI paper; avg as the extended one); ``sweep``: the config key whose value is
     the x-axis of a figure; ``reported``: ``<source>:<table>`` of the papers' numbers to compare with;
-    ``kind: analysis``: AAAI Tables 1-2 from ``lnull analyze`` (``analysis_part``: table1 | effective_rank).
+    ``kind: analysis``: AAAI Tables 1-2 from ``lnull analyze`` (``analysis_part``: table1 | effective_rank);
+    ``kind: retention``: knowledge kept vs task learned on likelihood metrics (``make demo``).
     ``audit``: recompute every derived column of the reported tables instead (``lnull table --audit``).
     """
 
     name: str = "summary"
     title: str = ""
-    kind: str = "results"  # results | analysis
+    kind: str = "results"  # results | analysis | retention (lnull.tables.retention: the demo table)
     experiment: Optional[str] = None
     base_label: Optional[str] = None
     rows: list[TableRowConfig] = field(default_factory=list)
@@ -235,6 +247,14 @@ class TableConfig:
     run_missing: bool = False
     overrides: list[str] = field(default_factory=list)  # extra Hydra overrides of every row (e.g. model=tiny)
     audit: bool = False
+    # kind retention: general-text columns, fine-tunes per row (train.seed + 0..seeds-1), learning rates per
+    # method (best by the first downstream column), and the paired bootstrap of `compare` minus `against`
+    general: list[str] = field(default_factory=list)
+    seeds: int = 1
+    lrs: list[float] = field(default_factory=list)
+    compare: list[str] = field(default_factory=list)
+    against: list[str] = field(default_factory=list)
+    bootstrap: int = 2000
 
 
 @dataclass
@@ -311,6 +331,13 @@ def check_values(cfg: DictConfig | LnullConfig) -> None:
             raise ConfigError(f"{key} must be one of {', '.join(DTYPE_NAMES)}, got '{value}'")
     if cfg.calibration.device_budget_gb is not None and cfg.calibration.device_budget_gb <= 0:
         raise ConfigError(f"calibration.device_budget_gb must be > 0 or null, got {cfg.calibration.device_budget_gb}")
+    if cfg.table.kind not in TABLE_KINDS:
+        raise ConfigError(f"table.kind must be one of {', '.join(TABLE_KINDS)}, got '{cfg.table.kind}'")
+    if cfg.table.seeds < 1 or cfg.table.bootstrap < 1:
+        raise ConfigError(f"table.seeds and table.bootstrap must be >= 1, got {cfg.table.seeds} and "
+                          f"{cfg.table.bootstrap}")
+    if any(lr <= 0 for lr in cfg.table.lrs):
+        raise ConfigError(f"table.lrs must be positive learning rates, got {list(cfg.table.lrs)}")
     if cfg.calibration.official and cfg.calibration.batch_size != 1:
         raise ConfigError(f"calibration.official=true runs one window per forward as the official code; set "
                           f"calibration.batch_size=1 (got {cfg.calibration.batch_size})")

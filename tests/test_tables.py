@@ -2,7 +2,6 @@
 tables, every experiment and table config, the make targets, and one table end to end at demo scale."""
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess

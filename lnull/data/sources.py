@@ -1,7 +1,7 @@
 """Record sources behind one spec string, so configs name data the same way online and offline.
 
 Spec forms:
-    synthetic:<generator>:<n>   generated in code (lnull.data.synthetic)
+    synthetic:<generator>:<n>[:<seed>]   generated in code (lnull.data.synthetic; seed 0 by default)
     asset:<name>/<split>        an offline asset converted by ``lnull assets``
     /path/to/file.jsonl         a local jsonl (or .json list) file
     hub:<dataset>[/<config>]:<split>   ``datasets.load_dataset`` when a hub is reachable
@@ -59,9 +59,9 @@ def load_records(spec: str, cache_dir: Optional[str] = None, limit: Optional[int
         from lnull.data.synthetic import GENERATORS
 
         parts = spec.split(":")
-        if len(parts) != 3 or parts[1] not in GENERATORS or not parts[2].isdigit():
-            raise ConfigError(f"bad synthetic dataset '{spec}'; use synthetic:<{'|'.join(GENERATORS)}>:<n>")
-        rows = GENERATORS[parts[1]](int(parts[2]))
+        if len(parts) not in (3, 4) or parts[1] not in GENERATORS or not all(p.isdigit() for p in parts[2:]):
+            raise ConfigError(f"bad synthetic dataset '{spec}'; use synthetic:<{'|'.join(GENERATORS)}>:<n>[:<seed>]")
+        rows = GENERATORS[parts[1]](int(parts[2]), int(parts[3]) if len(parts) == 4 else 0)
     elif spec.startswith("asset:"):
         rows = read_jsonl(_asset_file(spec, cache_dir))
     elif spec.startswith("hub:"):

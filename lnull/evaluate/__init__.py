@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 from lnull.errors import ConfigError
 from lnull.evaluate.base import EvalContext
-from lnull.evaluate.registry import RUN_MODELS, SCORER_VERSIONS, check_benchmark_inputs, scorer
+from lnull.evaluate.registry import LM_EVAL_KINDS, RUN_MODELS, SCORER_VERSIONS, check_benchmark_inputs, scorer
 from lnull.io import atomic_write_json, stable_hash
 from lnull.modeling import load_model, load_tokenizer, model_fingerprint, pick_device, resolve_model
 from lnull.records import ModelIdentity, ResultRecord, ScorerIdentity, lineage, validate
@@ -102,12 +102,14 @@ def record_key(cfg: dict[str, Any], model_key: str, name: str, bench: dict[str, 
         inputs["code"] = {k: v for k, v in ev["code"].items() if k != "workers"}
     if bench["kind"] == "mtbench":
         inputs["mtbench"] = {k: v for k, v in ev["mtbench"].items() if k != "judge_key_env"}
+    if bench["kind"] == "task_heldout":  # encoded as training encodes the run's task; its records are excluded
+        inputs["task"] = {**cfg["task"], "max_length": cfg["train"]["max_length"]}
     return stable_hash(inputs)
 
 
 def scorer_version(kind: str) -> str:
     """lnull's version of a scorer (plus lm-eval's for ``lm_eval``): a change re-scores, an equal one reuses."""
-    if kind == "lm_eval":
+    if kind in LM_EVAL_KINDS:
         from importlib.metadata import version
 
         return f"{SCORER_VERSIONS[kind]}+lm_eval-{version('lm_eval')}"
@@ -134,10 +136,10 @@ def load_for_eval(cfg: dict[str, Any], layout: Any, which: str, device, weights:
 
 
 def needs_weights(benches: list[dict[str, Any]], ev: dict[str, Any]) -> bool:
-    """Whether scoring ``benches`` needs the model in this process: lm-eval always; generation unless it
-    runs in vLLM; code unless the bigcode harness runs it."""
+    """Whether scoring ``benches`` needs the model in this process: lm-eval and likelihoods always; generation
+    unless it runs in vLLM; code unless the bigcode harness runs it."""
     for bench in benches:
-        if bench["kind"] == "lm_eval":
+        if bench["kind"] in LM_EVAL_KINDS + ("task_heldout",):  # likelihoods: in this process, whatever the engine
             return True
         if bench["kind"] == "code" and ev["code"]["backend"] == "bigcode":
             continue

@@ -50,9 +50,13 @@ class EvalContext:
     def add_bos(self) -> bool:
         return bool(self.cfg["model"]["add_bos"])
 
+    def limit(self, bench: dict[str, Any]) -> Optional[int]:
+        """Items to score of ``bench``: its own ``limit``, else ``eval.limit`` (None: all)."""
+        return bench.get("limit") or self.eval_cfg["limit"]
+
     def records(self, bench: dict[str, Any], fields: Sequence[str] = ()) -> list[dict[str, Any]]:
-        """The benchmark's records, first ``eval.limit`` of them; ConfigError if a field is missing."""
-        rows = load_records(bench["dataset"], self.cfg.get("cache_dir"), self.eval_cfg["limit"])
+        """The benchmark's records, first :meth:`limit` of them; ConfigError if a field is missing."""
+        rows = load_records(bench["dataset"], self.cfg.get("cache_dir"), self.limit(bench))
         require_fields(rows, list(fields), bench["dataset"])
         return rows
 

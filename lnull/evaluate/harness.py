@@ -117,9 +117,11 @@ def _explicit_bos_lm(model: Any, tokenizer: Any, batch_size: int, add_bos: bool)
     return ExplicitBosHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=add_bos)
 
 
-def _local_task(task: str, builtin: Path, rows: list[dict[str, Any]], work_dir: Path,
-                hf_cache: Path | None = None) -> tuple[str, Path]:
-    """Write ``rows`` and a YAML task ``lnull_<task>`` that includes ``builtin`` with the data swapped in.
+def _local_task(task: str, builtin: Path | None, rows: list[dict[str, Any]], work_dir: Path,
+                hf_cache: Path | None = None, name: str | None = None,
+                overrides: dict[str, Any] | None = None) -> tuple[str, Path]:
+    """Write ``rows`` and a YAML task ``name`` (default ``lnull_<task>``) that includes ``builtin`` (None: a
+    standalone task) with the data swapped in and any other task keys replaced by ``overrides``.
 
     Returns (task name, folder to pass as lm-eval's include_path).  Few-shot examples, if asked for, come
     from the same file (lm-eval then skips the document being scored), as the offline assets have no train
@@ -131,11 +133,12 @@ def _local_task(task: str, builtin: Path, rows: list[dict[str, Any]], work_dir: 
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     folder = work_dir / "lm_eval_tasks"
     folder.mkdir(parents=True, exist_ok=True)
-    name = f"lnull_{task}"
+    name = name or f"lnull_{task}"
     kwargs = {"data_files": {SPLIT: str(data)}, **({"cache_dir": str(hf_cache)} if hf_cache else {})}
-    config = {"include": str(builtin), "task": name, "dataset_path": "json", "dataset_name": None,
-              "dataset_kwargs": kwargs,
-              "training_split": None, "validation_split": None, "test_split": SPLIT, "fewshot_split": SPLIT}
+    config = {**({"include": str(builtin)} if builtin else {}), "task": name, "dataset_path": "json",
+              "dataset_name": None, "dataset_kwargs": kwargs,
+              "training_split": None, "validation_split": None, "test_split": SPLIT, "fewshot_split": SPLIT,
+              **(overrides or {})}
     (folder / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return name, folder
 
@@ -173,7 +176,7 @@ def score(name: str, bench: dict[str, Any], ctx: Any) -> dict[str, Any]:
     # the json builder's Arrow copy of a local file is scratch: a temp folder, not the run or ~/.cache
     with tempfile.TemporaryDirectory(prefix="lnull-lm-eval-") as hf_cache:
         if hub:
-            spec, manager, limit = str(builtin), TaskManager(include_defaults=False), ctx.eval_cfg["limit"]
+            spec, manager, limit = str(builtin), TaskManager(include_defaults=False), ctx.limit(bench)
         else:
             try:
                 rows = ctx.records(bench)

@@ -24,7 +24,6 @@ import uuid
 import zipfile
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Optional
 
 from lnull.errors import ConfigError

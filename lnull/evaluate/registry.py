@@ -21,7 +21,13 @@ KINDS = {
     "code": "lnull.evaluate.code:score",
     "mtbench": "lnull.evaluate.mtbench:score",
     "qa_exact_match": "lnull.evaluate.qa:score",
+    "lm_eval_nll": "lnull.evaluate.likelihood:score_answers",
+    "text_nll": "lnull.evaluate.likelihood:score_text",
+    "task_heldout": "lnull.evaluate.heldout:score",
 }
+LM_EVAL_KINDS = ("lm_eval", "lm_eval_nll", "text_nll")  # run by lm-eval: its version is part of the scorer's
+# Kinds whose value is lower-is-better (a negative log-likelihood); every other kind's is higher-is-better.
+LOWER_IS_BETTER = ("lm_eval_nll", "text_nll")
 # Allowed ``task`` values per kind (None: any, checked by the scorer, e.g. lm-eval's task index).
 TASKS = {"math": ("gsm8k", "math"), "code": ("humaneval", "mbpp")}
 # lnull's version of each scorer's protocol: bump it when a scorer's output for the same input changes, so
@@ -49,8 +55,12 @@ def check_eval_config(ev: Any) -> None:
             raise ConfigError(f"eval.benchmarks.{name}.task '{bench.task}' is not one of {', '.join(allowed)}")
         if bench.kind in KINDS and not bench.dataset:
             raise ConfigError(f"eval.benchmarks.{name}.dataset is not set")
-        if bench.kind == "lm_eval" and not bench.task:
+        if bench.kind in ("lm_eval", "lm_eval_nll") and not bench.task:
             raise ConfigError(f"eval.benchmarks.{name}.task (the lm-eval task name) is not set")
+        if bench.kind == "text_nll" and not bench.target:
+            raise ConfigError(f"eval.benchmarks.{name}.target (the text's template, e.g. '{{{{passage}}}}') is not set")
+        if bench.limit is not None and bench.limit < 1:
+            raise ConfigError(f"eval.benchmarks.{name}.limit must be >= 1 or null, got {bench.limit}")
         if bench.max_new_tokens < 1:
             raise ConfigError(f"eval.benchmarks.{name}.max_new_tokens must be >= 1, got {bench.max_new_tokens}")
     for model in ev.models:
@@ -99,7 +109,7 @@ def check_benchmark_inputs(name: str, bench: dict[str, Any], cache_dir: Any) -> 
 
     if bench.get("dataset") and bench["dataset"] != "hub":
         check_available(bench["dataset"], cache_dir, f"eval.benchmarks.{name}.dataset")
-    if bench["kind"] == "lm_eval":
+    if bench["kind"] in ("lm_eval", "lm_eval_nll"):
         from lnull.evaluate.harness import builtin_task_yaml
 
         builtin_task_yaml(bench["task"])

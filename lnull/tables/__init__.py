@@ -6,6 +6,7 @@
   underlined, each reproduced cell with its standard error, side by side with the papers' numbers
   (``reported.py``), and a figure for the sweep tables (``figures.py``). ``table.run_missing=true`` first runs
   whatever rows the store lacks. AAAI Tables 1-2 come from ``lnull analyze`` (``analysis_tables.py``);
+- ``kind: retention`` (``table=demo``, ``make demo``): knowledge kept vs task learned (``retention.py``);
 - ``table.audit=true`` (``lnull table --audit``): recompute every derived column of the reported tables.
 """
 from __future__ import annotations
@@ -94,6 +95,10 @@ def run(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
         from lnull.tables.summary import summary_table
 
         return summary_table(cfg, ctx.out)
+    if tcfg["kind"] == "retention":
+        from lnull.tables.retention import build
+
+        return build(cfg, Path(ctx.out), ctx.log)
     return paper_table(cfg, ctx.out, ctx.log)
 
 

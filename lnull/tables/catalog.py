@@ -1,8 +1,6 @@
 """`lnull list`: every paper table, the experiment its rows run, and which rows the store already holds."""
 from __future__ import annotations
 
-from typing import Any
-
 from lnull.errors import ConfigError
 
 
@@ -25,6 +23,17 @@ def describe(overrides: list[str]) -> str:
     for name in table_names():
         cfg = compose([f"table={name}", *keep])
         tcfg = cfg["table"]
+        if tcfg["kind"] == "retention":
+            from lnull.tables.retention import status
+
+            try:
+                done, why = status(cfg), ""
+            except FileNotFoundError as exc:  # the demo's model is an offline asset not fetched here
+                done, why = [(f"{r.get('label') or r['method']}", False) for r in tcfg["rows"]], f" ({exc})"
+            lines.append(f"{name:<9} {sum(ok for _, ok in done)}/{len(done)} rows done  experiment "
+                         f"{tcfg['experiment']:<12} {tcfg['title']}{why}")
+            lines += [f"    {'done   ' if ok else 'missing'}  {label}" for label, ok in done]
+            continue
         rows = paper.compose_rows(cfg)
         if tcfg["kind"] == "analysis":
             done = [(r.label, RunLayout(r.cfg).is_complete("analyze")) for r in rows[1:]]

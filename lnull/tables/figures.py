@@ -40,9 +40,16 @@ def sweep_figure(path: Path, title: str, rows: list[Row], reported: list[Optiona
         ax.set(xscale="log", xlabel=AXES.get(sweep, sweep), ylabel=metric.replace("avg", "Avg"), title=metric)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
+    return save_png(fig, path, dpi=110)
+
+
+def save_png(fig, path: Path, dpi: int = 130) -> Path:
+    """Write a matplotlib figure as a PNG atomically (a killed run leaves the old file or none) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return path

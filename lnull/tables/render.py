@@ -30,11 +30,11 @@ def params_text(n: Optional[int]) -> str:
     return f"{round(n / 1e6):,}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
 
-def ranks(rows: list[Row], column: str) -> dict[int, int]:
-    """{row index: 1 (best) or 2 (runner-up)} among method rows (not the pre-trained one); higher is better,
-    ties share a place."""
+def ranks(rows: list[Row], column: str, lower_is_better: bool = False) -> dict[int, int]:
+    """{row index: 1 (best) or 2 (runner-up)} among method rows (not the pre-trained one); higher is better
+    unless ``lower_is_better``, ties share a place."""
     values = sorted({r.cells[column].value for r in rows if not r.is_base and r.cells[column].value is not None},
-                    reverse=True)
+                    reverse=not lower_is_better)
     place = {}
     for i, row in enumerate(rows):
         v = row.cells[column].value
@@ -91,12 +91,15 @@ def latex_escape(text: str) -> str:
     return "".join(LATEX_SPECIAL.get(ch, ch) for ch in text)
 
 
-def latex(title: str, rows: list[Row], cols: list[str]) -> str:
+def latex(title: str, rows: list[Row], cols: list[str], lower: frozenset[str] | set[str] = frozenset(),
+          labels: Optional[dict[str, str]] = None) -> str:
     """A booktabs tabular (escaped): header, pre-trained row, a rule, the methods; \\textbf best, \\underline
-    runner-up; missing cells as --- with the footnotes as a comment."""
-    marks = {c: ranks(rows, c) for c in cols}
+    runner-up (``lower``: columns where lower is better); missing cells as --- with the footnotes as a comment."""
+    marks = {c: ranks(rows, c, lower_is_better=c in lower) for c in cols}
+    names = labels or LABELS
     out = [f"% {latex_escape(title)}", r"\begin{tabular}{l r " + "r" * len(cols) + "}", r"\toprule",
-           " & ".join(["Method", r"\#Params"] + [latex_escape(label(c)) for c in cols]) + r" \\", r"\midrule"]
+           " & ".join(["Method", r"\#Params"] + [latex_escape(names.get(c, c)) for c in cols]) + r" \\",
+           r"\midrule"]
     for i, row in enumerate(rows):
         cells = []
         for c in cols:

@@ -34,6 +34,22 @@ def field_value(record: dict[str, Any], path: str) -> Any:
     return value
 
 
+def query_response_pairs(rows: list[dict[str, Any]], task: dict[str, Any], source: str) -> list[tuple[str, str]]:
+    """(query, response) of each record by ``task.query_field`` / ``task.response_field``; ConfigError naming
+    the first record without one."""
+    pairs = []
+    for index, row in enumerate(rows):
+        values = []
+        for key in ("query_field", "response_field"):
+            try:
+                values.append(str(field_value(row, task[key])))
+            except KeyError:
+                raise ConfigError(f"task dataset '{source}' record {index} has no field "
+                                  f"'{task[key]}' (task.{key}; record fields: {', '.join(row)})") from None
+        pairs.append((values[0], values[1]))
+    return pairs
+
+
 def build_examples(cfg: dict[str, Any], tokenizer: Any) -> list[dict[str, list[int]]]:
     """Tokenised, response-masked examples of ``cfg['task']``; ConfigError on a record without the query or
     response field (naming the record) or when every response is cut away by ``train.max_length``."""
@@ -41,17 +57,8 @@ def build_examples(cfg: dict[str, Any], tokenizer: Any) -> list[dict[str, list[i
     rows = load_records(task["dataset"], cfg.get("cache_dir"), task["max_examples"])
     if not rows:
         raise ConfigError(f"task dataset '{task['dataset']}' is empty")
-    examples = []
-    for index, row in enumerate(rows):
-        values = []
-        for key in ("query_field", "response_field"):
-            try:
-                values.append(str(field_value(row, task[key])))
-            except KeyError:
-                raise ConfigError(f"task dataset '{task['dataset']}' record {index} has no field "
-                                  f"'{task[key]}' (task.{key}; record fields: {', '.join(row)})") from None
-        examples.append(encode_example(tokenizer, values[0], values[1], tcfg["max_length"], task["prompt"],
-                                       cfg["model"]["add_bos"]))
+    examples = [encode_example(tokenizer, query, response, tcfg["max_length"], task["prompt"], cfg["model"]["add_bos"])
+                for query, response in query_response_pairs(rows, task, task["dataset"])]
     kept = [e for e in examples if any(t != IGNORE_INDEX for t in e["labels"])]
     if not kept:
         raise ConfigError(f"every example of '{task['dataset']}' is longer than train.max_length="
