@@ -5,8 +5,8 @@ The benchmark's ``dataset`` (``eval=heldout``: ``task.heldout``) holds examples 
 ``task.max_examples`` trained on; any whose query is among the task's training records is dropped, so none was
 trained on, and the first ``limit`` (the benchmark's, else ``eval.limit``) of the rest are scored.  Each is
 encoded exactly as training encodes it (``task.prompt``, ``train.max_length``, BOS, response + EOS) and
-scored teacher-forced in one forward pass: per example, whether every response token is the model's greedy next token given the reference
-prefix, which is exactly "greedy decoding reproduces the reference response, EOS included" (exact match, %,
+scored teacher-forced in one forward pass: per example, whether every response token is the model's greedy
+next token given the reference prefix, which is exactly "greedy decoding reproduces the reference response, EOS included" (exact match, %,
 without generating), the share of response tokens that are (token accuracy, %) and their NLL per token (nats).
 Sampled answers of a 135M model are mostly wrong before and after fine-tuning, and generation is slow on a CPU;
 this pass is cheap and sees small models.
