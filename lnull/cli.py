@@ -123,8 +123,13 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"config folder '{CONFIG_DIR}' not found (set LNULL_CONFIG_DIR)")
     import hydra
 
-    from lnull.compose import register_schema
+    from lnull.compose import check_group_choices, register_schema
+    from lnull.errors import ConfigError
 
+    try:
+        check_group_choices(overrides)
+    except ConfigError as exc:
+        fail(str(exc))
     register_schema()
     entry = hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")(_task(command, sub))
     sys.argv = [f"lnull {command}"] + overrides

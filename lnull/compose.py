@@ -55,8 +55,26 @@ def validate(cfg: DictConfig | LnullConfig) -> None:
     check_eval_config(cfg.eval)
 
 
+def check_group_choices(overrides: list[str]) -> None:
+    """A one-line ConfigError, listing the choices, for an override naming a config file that does not exist
+    (``+experiment=nope``, ``method=nope``, ``eval=[knowledge,nope]``, a sweep ``method=lora,nope``); Hydra's own
+    error is several lines and a hint about HYDRA_FULL_ERROR. Other overrides are left to Hydra."""
+    for override in overrides:
+        key, sep, value = override.lstrip("+~").partition("=")
+        folder = CONFIG_DIR / key
+        if not sep or "/" in key or not folder.is_dir() or any(c in value for c in "$(){}*"):
+            continue
+        names = [v.strip() for v in value.strip("[]").split(",") if v.strip() and v.strip() != "null"]
+        known = sorted(p.stem for p in folder.glob("*.yaml"))
+        for name in names:
+            if name not in known:
+                raise ConfigError(f"unknown {key} '{name}' (no configs/{key}/{name}.yaml); "
+                                  f"available: {', '.join(known)}")
+
+
 def compose(overrides: Optional[list[str]] = None) -> dict[str, Any]:
     """Resolved, validated config dict for ``overrides`` (what `lnull` would run), for library use and tests."""
+    check_group_choices(list(overrides or []))
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra

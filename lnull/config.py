@@ -170,6 +170,7 @@ class CodeEvalConfig:
     n_samples: int = 1
     max_length: int = 512  # prompt + completion tokens (bigcode's max_length_generation)
     timeout_s: float = 3.0  # per-program execution timeout
+    memory_mb: int = 4096  # address space each program may add (RLIMIT_AS above its start); 0 = no limit
     workers: int = 2
 
 

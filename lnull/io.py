@@ -36,6 +36,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def drop_stale_temps(folder: Path) -> None:
+    """Delete the temp files of atomic writes a killed process left under ``folder`` (call only while holding
+    the folder's lock: a live writer's temp file would go too)."""
+    for tmp in Path(folder).rglob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 

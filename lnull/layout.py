@@ -85,14 +85,19 @@ class RunLayout:
 
     def is_complete(self, stage: str) -> bool:
         """A stored stage: its entry for this run's key is complete. A run-local one: its folder was computed
-        for this run's key (``complete.json``)."""
+        for this run's key (``complete.json``) and every link in it into the store still resolves."""
         s = BY_NAME[stage]
         if s.always:
             return False
         if s.stored:
             return self.store.marker(s.folder, self.keys[stage]) is not None
         marker = try_read_json(self.view(stage) / MARKER)
-        return isinstance(marker, dict) and marker.get("key") == self.keys[stage]
+        if not (isinstance(marker, dict) and marker.get("key") == self.keys[stage]):
+            return False
+        # its links into the store (e.g. eval/<model>/<benchmark>.json) must still resolve to readable files: a
+        # gc'd, deleted or truncated record makes the stage incomplete, so it is redone instead of reported
+        return all(p.exists() and (p.suffix != ".json" or try_read_json(p) is not None)
+                   for p in self.view(stage).rglob("*") if p.is_symlink())
 
     def input(self, stage: str) -> Path:
         """The completed output folder of an upstream stage (store entry or run-local folder)."""

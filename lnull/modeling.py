@@ -1,6 +1,7 @@
 """Loading models/tokenizers from a config's ``model.name_or_path`` and finding target linears."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,10 +27,61 @@ def resolve_model(name_or_path: str, cache_dir: Optional[str] = None) -> str:
     if name_or_path.startswith("asset:"):
         from lnull.assets import asset_path
 
-        return str(asset_path(name_or_path[len("asset:"):], cache_dir=cache_dir))
+        try:
+            return str(asset_path(name_or_path[len("asset:"):], cache_dir=cache_dir))
+        except ValueError as exc:  # an unknown asset name
+            raise ConfigError(f"model.name_or_path '{name_or_path}': {exc}") from None
     if name_or_path.startswith(("/", ".", "~")) and not Path(name_or_path).expanduser().exists():
-        raise ConfigError(f"model.name_or_path '{name_or_path}' does not exist")
+        raise ConfigError(f"model.name_or_path '{name_or_path}' does not exist: no such folder"
+                          + ("" if Path(name_or_path).is_absolute() else f" (relative to {Path.cwd()})"))
     return name_or_path
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_model_available(name_or_path: str, cache_dir: Optional[str] = None, what: str = "model.name_or_path") -> None:
+    """Before any model loads: ``name_or_path`` is the tiny model, a fetched asset, an existing model folder, or a
+    hub id that is in the local hub cache or can be downloaded; else a one-line ConfigError saying which and
+    what to do. A path-like value (``/``, ``.``, ``~``, or under an existing folder) is never tried as a hub id."""
+    from lnull.tiny import TINY_ID
+
+    if name_or_path == TINY_ID:
+        return
+    if name_or_path.startswith("asset:"):
+        try:
+            resolve_model(name_or_path, cache_dir)
+        except (FileNotFoundError, ValueError) as exc:
+            raise ConfigError(f"{what} '{name_or_path}': {exc}") from None
+        return
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if path.is_dir() and not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+            raise ConfigError(f"{what} '{name_or_path}' is a folder without config.json: not a model folder")
+        return
+    where = f"no such folder (relative to {Path.cwd()})" if not path.is_absolute() else "no such folder"
+    first = Path(name_or_path.split("/", 1)[0]).expanduser()
+    if name_or_path.startswith(("/", ".", "~")) or not HUB_ID.match(name_or_path) or first.is_dir():
+        raise ConfigError(f"{what} '{name_or_path}' does not exist: {where}")
+    from huggingface_hub import try_to_load_from_cache
+
+    from lnull.data.sources import hub_reachable
+
+    if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+        return
+    todo = "point it at a local model folder, or at an offline asset (asset:smollm2-135m-instruct after `lnull assets`)"
+    if not hub_reachable():
+        raise ConfigError(f"{what} '{name_or_path}' does not exist: {where}; as a hub id it cannot be downloaded "
+                          f"either: the Hugging Face hub is unreachable (offline). {todo[0].upper()}{todo[1:]}")
+    from huggingface_hub import repo_exists
+
+    try:
+        found = repo_exists(name_or_path)
+    except Exception:  # gated / rate-limited / any hub answer that is not "no": let the loader say more
+        found = True
+    if not found:
+        raise ConfigError(f"{what} '{name_or_path}' does not exist: {where}, and the hub has no model of that name; "
+                          f"{todo}")
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from lnull.errors import ConfigError
-from lnull.io import atomic_write_json, read_json
+from lnull.io import atomic_write_json, drop_stale_temps, read_json
 from lnull.layout import RunLayout
 from lnull.stages import BY_NAME, DEFAULT_CHAIN, Stage
 from lnull.store import MARKER
@@ -91,6 +91,7 @@ def _run_local(layout: RunLayout, stage: Stage, produce: Callable[[Path], dict],
             return {**read_json(layout.view(stage.name) / MARKER)["summary"], "cached": True}
         partial, final = layout.partial(stage.name), layout.view(stage.name)
         partial.mkdir(parents=True, exist_ok=True)
+        drop_stale_temps(partial)
         summary = produce(partial)
         atomic_write_json(partial / MARKER, {**identity, "summary": summary})
         if final.exists():
@@ -100,17 +101,29 @@ def _run_local(layout: RunLayout, stage: Stage, produce: Callable[[Path], dict],
 
 
 def check_inputs(layout: RunLayout, stages: list[str]) -> None:
-    """Data the pending stages will read is here (before hours of calibration and training, not after)."""
+    """Data and models the pending stages will read are here (before hours of calibration and training, not
+    after, and before any model loads)."""
     from lnull.data.sources import check_available
+    from lnull.modeling import check_model_available
 
-    cfg = layout.cfg
+    cfg, cache = layout.cfg, layout.cfg.get("cache_dir")
+    loads_base = [s for s in ("calibrate", "init", "analyze", "export") if s in stages and not layout.is_complete(s)]
     if "train" in stages and not layout.is_complete("train"):
-        check_available(cfg["task"]["dataset"], cfg.get("cache_dir"), "task.dataset")
+        check_available(cfg["task"]["dataset"], cache, "task.dataset")
     if "evaluate" in stages:
-        from lnull.evaluate.registry import check_benchmark_inputs
+        from lnull.evaluate import expected_records
+        from lnull.evaluate.registry import RUN_MODELS, check_benchmark_inputs
 
         for name, bench in cfg["eval"]["benchmarks"].items():
-            check_benchmark_inputs(name, bench, cfg.get("cache_dir"))
+            check_benchmark_inputs(name, bench, cache)
+        for model in cfg["eval"]["models"]:
+            if model not in RUN_MODELS:
+                check_model_available(model, cache, "eval.models entry")
+            elif model == "base" and any(layout.store.read_record(k) is None
+                                         for k in expected_records(layout, "base").values()):
+                loads_base.append("evaluate")
+    if loads_base:
+        check_model_available(cfg["model"]["name_or_path"], cache)
 
 
 def run_pipeline(cfg: dict[str, Any], stages: Optional[list[str]] = None, log: Log = print) -> RunLayout:

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
+import struct
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from lnull.io import atomic_write_json, stable_hash, try_read_json
+from lnull.io import atomic_write_json, drop_stale_temps, stable_hash, try_read_json
 
 MARKER = "complete.json"
 RECORDS = "eval"
@@ -36,6 +38,34 @@ def tree_size(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def manifest(folder: Path) -> dict[str, int]:
+    """{relative path: bytes} of every file under ``folder`` (symlinks and the marker excluded)."""
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.is_symlink() and p.name != MARKER}
+
+
+def damage(entry: Path, files: Optional[dict[str, int]]) -> Optional[str]:
+    """Why ``entry`` no longer matches its marker's manifest (a file missing or resized, a safetensors file whose
+    header does not parse or does not match its size), or None. Entries written before manifests: None."""
+    for name, size in (files or {}).items():
+        path = entry / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size} bytes, {size} were written"
+        if path.suffix == ".safetensors":
+            try:
+                with open(path, "rb") as fh:
+                    (length,) = struct.unpack("<Q", fh.read(8))
+                    header = json.loads(fh.read(length))
+                end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+                if 8 + length + end != size:
+                    return f"{path} does not load (its tensors do not fill the file)"
+            except (OSError, ValueError, KeyError, TypeError, struct.error):
+                return f"{path} does not load (unreadable safetensors header)"
+    return None
 
 
 class Store:
@@ -61,10 +91,25 @@ class Store:
     # ------------------------------------------------------------------ state
 
     def marker(self, folder: str, key: str) -> Optional[dict[str, Any]]:
-        """The entry's complete.json when the entry is complete and its marker names this key; else None
-        (a missing, truncated or foreign marker does not count: the entry is recomputed)."""
+        """The entry's complete.json when the entry is complete, its marker names this key and its files are
+        intact (:func:`damage`); else None (a missing, truncated or foreign marker, a missing, resized or
+        unreadable file: the entry does not count and is recomputed)."""
         data = try_read_json(self.entry(folder, key) / MARKER)
-        return data if isinstance(data, dict) and data.get("key") == key else None
+        if not (isinstance(data, dict) and data.get("key") == key):
+            return None
+        return None if damage(self.entry(folder, key), data.get("files")) else data
+
+    def damaged(self, folder: str, key: str) -> Optional[str]:
+        """Why an existing entry does not count (None when it is complete or absent)."""
+        entry = self.entry(folder, key)
+        if not entry.exists():
+            return None
+        data = try_read_json(entry / MARKER)
+        if not isinstance(data, dict):
+            return f"{entry / MARKER} is missing or unreadable"
+        if data.get("key") != key:
+            return f"{entry / MARKER} names another key"
+        return damage(entry, data.get("files"))
 
     def read_record(self, key: str) -> Optional[dict[str, Any]]:
         data = try_read_json(self.record(key))
@@ -98,13 +143,15 @@ class Store:
         with self.lock(folder, key, log):
             if self.marker(folder, key) is not None:
                 return final, None
-            if final.exists():  # a damaged entry (no valid marker): recompute it
-                log(f"[{folder}] {final} is incomplete or damaged; recomputing it")
+            if final.exists():  # a damaged entry: recompute it
+                log(f"[{folder}] {self.damaged(folder, key) or f'{final} is incomplete'}; recomputing {folder}/{key}")
                 shutil.rmtree(final)
             partial = self.partial(folder, key)
             partial.mkdir(parents=True, exist_ok=True)
+            drop_stale_temps(partial)
             summary = produce(partial)
-            marker = {**identity, "key": key, "summary": summary, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            marker = {**identity, "key": key, "summary": summary, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                      "files": manifest(partial)}
             atomic_write_json(partial / MARKER, marker)
             os.replace(partial, final)
             return final, marker

@@ -1,6 +1,8 @@
 """A random tiny LLaMA and a BPE tokenizer trained offline in code (tests and the `tiny` experiment)."""
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 from lnull.data.synthetic import corpus
@@ -45,8 +47,14 @@ def materialize(folder: Path) -> Path:
         return folder
     tokenizer = build_tokenizer()
     model = build_model(tokenizer)
-    tmp = folder.with_name(folder.name + ".tmp")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.replace(folder)
+    try:
+        tmp.replace(folder)
+    except OSError:  # another process published the same (deterministic) model first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / "config.json").exists():
+            raise
     return folder

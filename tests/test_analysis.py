@@ -187,13 +187,26 @@ def _copy_of(analysed_run, tmp_path):
     return {**cfg, "run": {**cfg["run"], "root": str(copy)}}, copy / folder.parent.name
 
 
+def _replace_trained_adapter(run_dir, tensors) -> None:
+    """Write ``tensors`` as the run's stored train adapter and re-list the entry's files in its marker (the store
+    treats an entry whose files differ from its manifest as damaged)."""
+    import json
+
+    from lnull.store import manifest
+
+    entry = (run_dir / "train").resolve()
+    save_file(tensors, str(entry / "adapter" / "adapter_model.safetensors"))
+    marker = json.loads((entry / "complete.json").read_text())
+    (entry / "complete.json").write_text(json.dumps({**marker, "files": manifest(entry)}))
+
+
 def test_hand_made_trained_adapter_gives_known_changes_and_rho(analysed, tmp_path):
     """Replace PiSSA's trained adapter by A* = 1.1 A0, B* = 0.5 B0: changes 0.1 and 0.5; the update
     dW = s (0.55 - 1) B0 A0 lies in W0's top-r (r = 4 <= k = 16) left singular space, so rho_k = 1."""
     cfg, run_dir = _copy_of(analysed["pissa"], tmp_path)
     init = load_file(str(run_dir / "init" / "adapter" / "adapter_model.safetensors"))
     edited = {k: (1.1 if ".lora_A." in k else 0.5) * v for k, v in init.items()}
-    save_file(edited, str(run_dir / "train" / "adapter" / "adapter_model.safetensors"))
+    _replace_trained_adapter(run_dir, edited)
     run_analysis(cfg)
     for row in _rows(run_dir / "analysis" / "relative_change.csv"):
         assert row["kind"] == "relative"
@@ -216,7 +229,7 @@ def test_unbaked_oplora_adapter_is_projected_before_rho_k(analysed, tmp_path):
     gen = torch.Generator().manual_seed(0)
     init = load_file(str(run_dir / "init" / "adapter" / "adapter_model.safetensors"))
     raw = {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in init.items()}
-    save_file(raw, str(run_dir / "train" / "adapter" / "adapter_model.safetensors"))
+    _replace_trained_adapter(run_dir, raw)
     run_analysis(cfg)
     assert all(float(r["rho_k"]) < 1e-8 for r in _rows(run_dir / "analysis" / "rho_k.csv"))
 

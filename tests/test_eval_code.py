@@ -21,7 +21,7 @@ MBPP_ROW = {"task_id": 2, "text": "Write a function to find the shared elements 
             "test_list": ["assert set(similar_elements((3, 4, 5, 6),(5, 7, 4, 10))) == set((4, 5))",
                           "assert set(similar_elements((1, 2, 3, 4),(5, 4, 3, 7))) == set((3, 4))"]}
 CODE_CFG = {"backend": "builtin", "bigcode_path": None, "temperature": 0.2, "top_p": 0.95, "n_samples": 1,
-            "max_length": 512, "timeout_s": 3.0, "workers": 2}
+            "max_length": 512, "timeout_s": 3.0, "workers": 2, "memory_mb": 4096}
 
 
 def humaneval_program(problem: dict, body: str) -> str:

@@ -214,6 +214,8 @@ def run(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
             key = keys[name]
             with store.lock("eval", key, log):
                 if store.read_record(key) is None:
+                    if store.record(key).exists():
+                        log(f"[evaluate] {store.record(key)} is damaged (unreadable or another key): re-scoring it")
                     if loaded is None:
                         weights = needs_weights([benchmarks[n] for n in pending], cfg["eval"])
                         loaded = load_for_eval(cfg, layout, which, device, weights)

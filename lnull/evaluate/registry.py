@@ -87,7 +87,8 @@ def check_eval_config(ev: Any) -> None:
 
 def check_code_settings(code: Any) -> None:
     """ConfigError on an ``eval.code`` value that cannot work (checked at compose time and by the scorer)."""
-    for key, low in (("n_samples", 1), ("workers", 1), ("max_length", 1), ("timeout_s", 1e-3), ("temperature", 0)):
+    for key, low in (("n_samples", 1), ("workers", 1), ("max_length", 1), ("timeout_s", 1e-3), ("temperature", 0),
+                     ("memory_mb", 0)):
         if code[key] < low:
             raise ConfigError(f"eval.code.{key} must be >= {low}, got {code[key]}")
     if not 0.0 < code["top_p"] <= 1.0:
