@@ -212,6 +212,12 @@ def test_demo_table_seeds_and_learning_rates_pick_the_best_by_the_learning_colum
     _store_fixture(cfg)
     pre, best, grid = retention.collect(cfg)
     assert len(grid) == 10 and all(r.cells["task_heldout"].stderr == 0.0 for r in best)  # sd over equal seeds
+    out = tmp_path / "tables"
+    out.mkdir()
+    retention.build(cfg, out, log=lambda _: None)  # the figure draws each method's line through its rates
+    md = (out / "demo.md").read_text()
+    assert "Learning-rate sweep" in md and md.count("| LoRA | 0.0001 |") == 1
+    assert (out / "demo.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_make_demo_runs_the_table_and_sweep_lr_passes_the_rates():

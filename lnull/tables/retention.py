@@ -223,6 +223,16 @@ def changes(pre: MethodResult, results: list[MethodResult], columns: list[str]) 
     return out
 
 
+def with_average(rows: list[tuple[str, dict[str, Cell]]], knowledge: list[str]) -> list[tuple[str, dict[str, Cell]]]:
+    """Add ``avg_nll`` (mean of the knowledge columns' paired changes, its stderr from theirs) to each row."""
+    for _, cells in rows:
+        present = [cells[k] for k in knowledge if cells[k].value is not None]
+        cells["avg_nll"] = Cell(statistics.fmean(c.value for c in present),
+                                math.sqrt(sum((c.stderr or 0) ** 2 for c in present)) / len(present)) \
+            if len(present) == len(knowledge) else Cell(None, missing="not run")
+    return rows
+
+
 def bootstrap_lines(results: list[MethodResult], knowledge: list[str], compare: list[str], against: list[str],
                     iters: int) -> list[str]:
     """One line per (compare, against) pair: the paired bootstrap of the average knowledge NLL change."""
@@ -306,10 +316,12 @@ def csv_text(rows: list[Row], cols: list[str], change_rows: list[tuple[str, dict
     return buf.getvalue()
 
 
-def figure(path: Path, title: str, pre: MethodResult, results: list[MethodResult], change_rows, learning: str
-           ) -> Path:
+def figure(path: Path, title: str, pre: MethodResult, results: list[MethodResult], change_rows, learning: str,
+           grid: Optional[list[tuple[MethodResult, Cell]]] = None) -> Path:
     """Knowledge kept (average paired NLL change, y) against task learned (held-out exact match, x), one point per
-    method with error bars, the pre-trained model at (its accuracy, 0)."""
+    method with error bars, the pre-trained model at (its accuracy, 0). ``grid``: every (method at one learning
+    rate, its average change), drawn as one faint line per method through its rates, so a reader sees the
+    trade-off each method spans, not only the point the learning column picked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -326,8 +338,15 @@ def figure(path: Path, title: str, pre: MethodResult, results: list[MethodResult
         x, y = r.cells[learning], cells["avg_nll"]
         if x.value is None or y.value is None:
             continue
-        ax.errorbar([x.value], [y.value], xerr=[x.stderr or 0], yerr=[y.stderr or 0], fmt="o", capsize=3)
+        point = ax.errorbar([x.value], [y.value], xerr=[x.stderr or 0], yerr=[y.stderr or 0], fmt="o", capsize=3)
         ax.annotate(r.label, (x.value, y.value), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        line = sorted((g.lr, g.cells[learning].value, c.value) for g, c in grid or []
+                      if g.method == r.method and g.cells[learning].value is not None and c.value is not None)
+        if len(line) > 1:
+            ax.plot([p[1] for p in line], [p[2] for p in line], "-", lw=0.8, alpha=0.45, color=point[0].get_color())
+            for lr, gx, gy in line:
+                ax.annotate(f"{lr:g}", (gx, gy), textcoords="offset points", xytext=(3, -9), fontsize=6,
+                            color=point[0].get_color())
     ax.axhline(0.0, color="grey", lw=0.6, ls=":")
     ax.set_xlabel("task learned: held-out exact match (%)")
     ax.set_ylabel("knowledge lost: answer NLL change (nats/token)")
@@ -357,12 +376,7 @@ def build(cfg: dict[str, Any], out: Path, log: Callable[[str], None]) -> dict[st
     lower = set(knowledge) | set(general) | set(LOWER_IS_BETTER)
     rows = _as_rows(pre, best, show_lr=len(tcfg["lrs"]) > 1)
     change_cols = knowledge + ["avg_nll"] + general
-    change_rows = changes(pre, best, knowledge + general)
-    for (_, cells), r in zip(change_rows, best):
-        present = [cells[k] for k in knowledge if cells[k].value is not None]
-        cells["avg_nll"] = Cell(statistics.fmean(c.value for c in present),
-                                math.sqrt(sum((c.stderr or 0) ** 2 for c in present)) / len(present)) \
-            if len(present) == len(knowledge) else Cell(None, missing="not run")
+    change_rows = with_average(changes(pre, best, knowledge + general), knowledge)
     spread = f"sd over {tcfg['seeds']} seeds (pre-trained row: standard error)" if tcfg["seeds"] > 1 \
         else "standard error"
     note = (f"NLL columns: per answer token (knowledge) or text token (general), nats, lower is better; Kept %: gold-"
@@ -385,8 +399,12 @@ def build(cfg: dict[str, Any], out: Path, log: Callable[[str], None]) -> dict[st
                       ("csv", csv_text(rows, cols, change_rows, change_cols, lrs, tcfg["seeds"]))):
         atomic_write_text(out / f"{tcfg['name']}.{ext}", text)
         paths.append(str(out / f"{tcfg['name']}.{ext}"))
+    grid_changes = None
+    if len(tcfg["lrs"]) > 1:
+        averaged = with_average(changes(pre, grid, knowledge), knowledge)
+        grid_changes = [(g, cells["avg_nll"]) for g, (_, cells) in zip(grid, averaged)]
     paths.append(str(figure(out / f"{tcfg['name']}.png", tcfg["title"] or tcfg["name"], pre, best, change_rows,
-                            learning)))
+                            learning, grid_changes)))
     log(md)
     done = sum(all(c.missing != "not run" for c in r.cells.values()) for r in rows)
     return {"rows": len(rows), "complete_rows": done, "paths": paths}
