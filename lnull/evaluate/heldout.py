@@ -6,8 +6,9 @@ The benchmark's ``dataset`` (``eval=heldout``: ``task.heldout``) holds examples 
 trained on, and the first ``limit`` (the benchmark's, else ``eval.limit``) of the rest are scored.  Each is
 encoded exactly as training encodes it (``task.prompt``, ``train.max_length``, BOS, response + EOS) and
 scored teacher-forced in one forward pass: per example, whether every response token is the model's greedy
-next token given the reference prefix, which is exactly "greedy decoding reproduces the reference response, EOS included" (exact match, %,
-without generating), the share of response tokens that are (token accuracy, %) and their NLL per token (nats).
+next token given the reference prefix, which is exactly "greedy decoding reproduces the reference response, EOS
+included" (exact match, %, without generating), the share of response tokens that are (token accuracy, %) and
+their NLL per token (nats).
 Sampled answers of a 135M model are mostly wrong before and after fine-tuning, and generation is slow on a CPU;
 this pass is cheap and sees small models.
 
@@ -52,6 +53,7 @@ def score(name: str, bench: dict[str, Any], ctx: Any) -> dict[str, Any]:
     import torch
 
     from lnull.data.prompts import IGNORE_INDEX, encode_example
+    from lnull.training.data import collate
 
     pairs, excluded = heldout_pairs(name, bench, ctx)
     tok, cfg = ctx.tokenizer, ctx.cfg
@@ -63,15 +65,11 @@ def score(name: str, bench: dict[str, Any], ctx: Any) -> dict[str, Any]:
     size = ctx.eval_cfg["batch_size"]
     with torch.no_grad():
         for start in range(0, len(encoded), size):
-            batch = encoded[start:start + size]
-            width = max(len(e["input_ids"]) for e in batch)
-            ids = torch.tensor([e["input_ids"] + [pad] * (width - len(e["input_ids"])) for e in batch], device=device)
-            labels = torch.tensor([e["labels"] + [IGNORE_INDEX] * (width - len(e["labels"])) for e in batch],
-                                  device=device)
-            mask = torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in batch],
-                                device=device)
-            logits = ctx.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            target, scored = labels[:, 1:], labels[:, 1:] != IGNORE_INDEX
+            batch = {k: v.to(device) for k, v in collate(encoded[start:start + size], pad).items()}
+            logits = ctx.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = logits[:, :-1].float()
+            target = batch["labels"][:, 1:]
+            scored = target != IGNORE_INDEX
             logp = torch.log_softmax(logits, dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
             hit = (logits.argmax(-1) == target) & scored
             count = scored.sum(1).clamp(min=1)

@@ -72,8 +72,8 @@ def compose_rows(table_cfg: dict[str, Any]) -> list[Row]:
         rank = spec.get("rank") or cfg["method"]["rank"] * scale["rank_divisor"]
         calib = spec.get("calibration_samples") or cfg["calibration"]["samples"] * scale["calib_divisor"]
         x = {"method.rank": rank, "calibration.samples": calib}.get(tcfg.get("sweep") or "")
-        rows.append(Row(spec.get("label") or spec["method"], spec["method"], cfg, spec.get("reported") or spec["method"],
-                        paper_rank=rank, paper_calib=calib, x=x))
+        rows.append(Row(spec.get("label") or spec["method"], spec["method"], cfg,
+                        spec.get("reported") or spec["method"], paper_rank=rank, paper_calib=calib, x=x))
     # The paper's model name at paper scale; the model actually run otherwise (demo scale, smoke overrides).
     paper_setting = table_cfg["scale"]["name"] == "paper" and not tcfg["overrides"]
     base_label = (tcfg.get("base_label") if paper_setting else None) or rows[0].cfg["model"]["name"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from lnull.tables.paper import Cell, Row
 from lnull.tables.reported import ReportedRow
@@ -57,19 +57,24 @@ def footnotes(rows: list[Row]) -> list[str]:
     return [f"{MISSING} {text.get(r, r)}" for r in reasons]
 
 
-def markdown(title: str, rows: list[Row], cols: list[str]) -> str:
-    """The reproduced table: value ± standard error, best **bold**, runner-up <u>underlined</u>."""
-    marks = {c: ranks(rows, c) for c in cols}
-    lines = [f"### {title}", "", "| Method | #Params | " + " | ".join(label(c) for c in cols) + " |",
+def markdown(title: str, rows: list[Row], cols: list[str], lower: frozenset[str] | set[str] = frozenset(),
+             labels: Optional[dict[str, str]] = None, number: Optional[Callable[[str, Cell], str]] = None,
+             note: str = "") -> str:
+    """The reproduced table: value ± standard error, best **bold**, runner-up <u>underlined</u> (``lower``:
+    columns where lower is better); ``number(column, cell)`` formats a cell (default: 2 decimals); ``note`` goes
+    between the table and the footnotes."""
+    marks = {c: ranks(rows, c, lower_is_better=c in lower) for c in cols}
+    names = labels or LABELS
+    lines = [f"### {title}", "", "| Method | #Params | " + " | ".join(names.get(c, c) for c in cols) + " |",
              "|---|---:|" + "---:|" * len(cols)]
     for i, row in enumerate(rows):
         cells = []
         for c in cols:
-            text = _number(row.cells[c], stderr=True)
+            text = number(c, row.cells[c]) if number else _number(row.cells[c], stderr=True)
             place = marks[c].get(i)
             cells.append(f"**{text}**" if place == 1 else f"<u>{text}</u>" if place == 2 else text)
         lines.append(f"| {row.label} | {params_text(row.params)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + [""] + footnotes(rows)) + "\n"
+    return "\n".join(lines + [""] + ([note] if note else []) + footnotes(rows)) + "\n"
 
 
 def comparison_markdown(rows: list[Row], cols: list[str], reported: list[Optional[ReportedRow]]) -> str:

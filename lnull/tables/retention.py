@@ -264,21 +264,6 @@ def _digits(column: str) -> int:
     return 1 if column in ("kept", "task_heldout", "gm") else 3
 
 
-def markdown(title: str, rows: list[Row], cols: list[str], lower: set[str], note: str) -> str:
-    from lnull.tables.render import footnotes, params_text, ranks
-
-    marks = {c: ranks(rows, c, lower_is_better=c in lower) for c in cols}
-    lines = [f"### {title}", "", "| Method | #Params | " + " | ".join(LABELS.get(c, c) for c in cols) + " |",
-             "|---|---:|" + "---:|" * len(cols)]
-    for i, row in enumerate(rows):
-        cells = []
-        for c in cols:
-            text, place = _cell_text(row.cells[c], _digits(c)), marks[c].get(i)
-            cells.append(f"**{text}**" if place == 1 else f"<u>{text}</u>" if place == 2 else text)
-        lines.append(f"| {row.label} | {params_text(row.params)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + ["", note] + footnotes(rows)) + "\n"
-
-
 def changes_markdown(rows: list[tuple[str, dict[str, Cell]]], cols: list[str]) -> str:
     lines = ["#### Change from the pre-trained model (paired over the same items, ± standard error; nats/token)", "",
              "| Method | " + " | ".join(LABELS.get(c, c) for c in cols) + " |", "|---|" + "---:|" * len(cols)]
@@ -357,7 +342,7 @@ def figure(path: Path, title: str, pre: MethodResult, results: list[MethodResult
 def build(cfg: dict[str, Any], out: Path, log: Callable[[str], None]) -> dict[str, Any]:
     """Run what the store lacks (``table.run_missing``), then write ``<name>.{md,tex,csv,png}`` into ``out``."""
     from lnull.io import atomic_write_text
-    from lnull.tables.render import latex
+    from lnull.tables.render import latex, markdown
 
     tcfg = cfg["table"]
     knowledge, general, downstream = list(tcfg["knowledge"]), list(tcfg["general"]), list(tcfg["downstream"])
@@ -383,7 +368,8 @@ def build(cfg: dict[str, Any], out: Path, log: Callable[[str], None]) -> dict[st
             f"answer probability per token as % of the pre-trained model's; Task EM %: held-out examples that greedy "
             f"decoding answers exactly; GM = sqrt(Kept % x Task EM %). ± {spread}. Best **bold**, runner-up "
             f"<u>underlined</u>.")
-    md = markdown(tcfg["title"] or tcfg["name"], rows, cols, lower, note)
+    md = markdown(tcfg["title"] or tcfg["name"], rows, cols, lower=lower, labels=LABELS,
+                  number=lambda c, cell: _cell_text(cell, _digits(c)), note=note)
     md += "\n" + changes_markdown(change_rows, change_cols)
     boot = bootstrap_lines(best, knowledge, list(tcfg["compare"]), list(tcfg["against"]), tcfg["bootstrap"])
     if boot:
