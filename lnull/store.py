@@ -90,26 +90,22 @@ class Store:
 
     # ------------------------------------------------------------------ state
 
+    def _inspect(self, folder: str, key: str) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+        """(the entry's complete.json, None) when it counts; (None, why not) otherwise."""
+        path = self.entry(folder, key) / MARKER
+        data = try_read_json(path)
+        if not isinstance(data, dict):
+            return None, f"{path} is missing or unreadable"
+        if data.get("key") != key:
+            return None, f"{path} names another key"
+        why = damage(self.entry(folder, key), data.get("files"))
+        return (None, why) if why else (data, None)
+
     def marker(self, folder: str, key: str) -> Optional[dict[str, Any]]:
         """The entry's complete.json when the entry is complete, its marker names this key and its files are
         intact (:func:`damage`); else None (a missing, truncated or foreign marker, a missing, resized or
         unreadable file: the entry does not count and is recomputed)."""
-        data = try_read_json(self.entry(folder, key) / MARKER)
-        if not (isinstance(data, dict) and data.get("key") == key):
-            return None
-        return None if damage(self.entry(folder, key), data.get("files")) else data
-
-    def damaged(self, folder: str, key: str) -> Optional[str]:
-        """Why an existing entry does not count (None when it is complete or absent)."""
-        entry = self.entry(folder, key)
-        if not entry.exists():
-            return None
-        data = try_read_json(entry / MARKER)
-        if not isinstance(data, dict):
-            return f"{entry / MARKER} is missing or unreadable"
-        if data.get("key") != key:
-            return f"{entry / MARKER} names another key"
-        return damage(entry, data.get("files"))
+        return self._inspect(folder, key)[0]
 
     def read_record(self, key: str) -> Optional[dict[str, Any]]:
         data = try_read_json(self.record(key))
@@ -141,10 +137,11 @@ class Store:
         ``(entry, marker)``."""
         final = self.entry(folder, key)
         with self.lock(folder, key, log):
-            if self.marker(folder, key) is not None:
+            done, why = self._inspect(folder, key)
+            if done is not None:
                 return final, None
             if final.exists():  # a damaged entry: recompute it
-                log(f"[{folder}] {self.damaged(folder, key) or f'{final} is incomplete'}; recomputing {folder}/{key}")
+                log(f"[{folder}] {why}; recomputing {folder}/{key}")
                 shutil.rmtree(final)
             partial = self.partial(folder, key)
             partial.mkdir(parents=True, exist_ok=True)

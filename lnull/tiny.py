@@ -1,11 +1,10 @@
 """A random tiny LLaMA and a BPE tokenizer trained offline in code (tests and the `tiny` experiment)."""
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 from lnull.data.synthetic import corpus
+from lnull.io import atomic_write_dir
 
 TINY_ID = "lnull:tiny"
 
@@ -47,14 +46,10 @@ def materialize(folder: Path) -> Path:
         return folder
     tokenizer = build_tokenizer()
     model = build_model(tokenizer)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        tmp.replace(folder)
-    except OSError:  # another process published the same (deterministic) model first
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (folder / "config.json").exists():
-            raise
-    return folder
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    # two processes may build it at once: the same deterministic model, the first one published is kept
+    return atomic_write_dir(folder, write, keep_existing=True)

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import REPO, lnull
-from lnull.io import atomic_write_json
+from lnull.io import atomic_write_dir, atomic_write_json
 from lnull.layout import RunLayout
 from lnull.pipeline import run_pipeline
 
@@ -142,3 +142,26 @@ def test_atomic_write_gives_ordinary_file_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_atomic_write_dir_replaces_or_keeps_a_published_folder_with_ordinary_modes(tmp_path):
+    def writer(text):
+        def write(folder):
+            (folder / "sub").mkdir()
+            (folder / "sub" / "f.txt").write_text(text)
+        return write
+
+    dest = tmp_path / "model"
+    atomic_write_dir(dest, writer("one"))
+    atomic_write_dir(dest, writer("two"), keep_existing=True)  # another process published first: kept
+    assert (dest / "sub" / "f.txt").read_text() == "one"
+    atomic_write_dir(dest, writer("three"))  # a fresh conversion replaces it
+    assert (dest / "sub" / "f.txt").read_text() == "three"
+    with pytest.raises(RuntimeError):
+        atomic_write_dir(dest, lambda folder: (_ for _ in ()).throw(RuntimeError("killed")))
+    assert (dest / "sub" / "f.txt").read_text() == "three"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temp or old folder left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert dest.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (dest / "sub" / "f.txt").stat().st_mode & 0o777 == 0o666 & ~umask
