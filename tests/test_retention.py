@@ -77,6 +77,32 @@ def test_text_nll_scores_every_token_after_bos_once_per_distinct_text(tiny_base_
     assert rec["n"] == 2 and rec["items"] == pytest.approx(by_hand, abs=1e-4)
 
 
+def test_a_benchmarks_own_limit_and_target_override_the_defaults(tiny_base_context, tmp_path):
+    _, ctx = tiny_base_context("eval.limit=5")
+    row = {"question": "what is the capital of Mivor?", "answers": ["Lo Ka", "Ka"]}
+    rec = score_answers("webqs_nll", {"kind": "lm_eval_nll", "task": "webqs", "target": "{{answers[1]}}",
+                                      "dataset": _jsonl(tmp_path / "w.jsonl", [row])}, ctx)
+    assert rec["examples"][0]["target"] == " Ka"
+    texts = [{"passage": f"text number {i} ."} for i in range(4)]
+    bench = {"kind": "text_nll", "target": "{{passage}}", "dataset": _jsonl(tmp_path / "t.jsonl", texts)}
+    assert score_text("wiki_text", bench, ctx)["n"] == 4  # eval.limit=5
+    assert score_text("wiki_text", {**bench, "limit": 2}, ctx)["n"] == 2
+    held = {"kind": "task_heldout", "dataset": _jsonl(tmp_path / "h.jsonl", arithmetic(6, seed=5)), "limit": 3}
+    assert score_heldout("task_heldout", held, ctx)["n"] == 3
+
+
+@pytest.mark.parametrize("override, message", [
+    ("eval.benchmarks.task_heldout.limit=0", "eval.benchmarks.task_heldout.limit must be >= 1"),
+    ("eval.benchmarks.wiki_text.target=null", "eval.benchmarks.wiki_text.target"),
+    ("task.heldout=null", "eval.benchmarks.task_heldout.dataset is not set"),
+])
+def test_bad_likelihood_benchmark_settings_fail_at_compose(override, message):
+    from lnull.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        compose(["+experiment=demo", override])
+
+
 def test_heldout_drops_trained_examples_and_is_greedy_exact_match(tiny_base_context, tmp_path):
     from lnull.data.prompts import encode_example
 
