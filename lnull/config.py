@@ -172,6 +172,7 @@ class CodeEvalConfig:
     timeout_s: float = 3.0  # per-program execution timeout
     memory_mb: int = 4096  # address space each program may add (RLIMIT_AS above its start); 0 = no limit
     workers: int = 2
+    isolation: str = "bwrap"  # bwrap (bubblewrap + seccomp, lnull.evaluate.sandbox) | none (unisolated)
 
 
 @dataclass

@@ -21,7 +21,7 @@ MBPP_ROW = {"task_id": 2, "text": "Write a function to find the shared elements 
             "test_list": ["assert set(similar_elements((3, 4, 5, 6),(5, 7, 4, 10))) == set((4, 5))",
                           "assert set(similar_elements((1, 2, 3, 4),(5, 4, 3, 7))) == set((3, 4))"]}
 CODE_CFG = {"backend": "builtin", "bigcode_path": None, "temperature": 0.2, "top_p": 0.95, "n_samples": 1,
-            "max_length": 512, "timeout_s": 3.0, "workers": 2, "memory_mb": 4096}
+            "max_length": 512, "timeout_s": 3.0, "workers": 2, "memory_mb": 4096, "isolation": "bwrap"}
 
 
 def humaneval_program(problem: dict, body: str) -> str:
@@ -79,7 +79,7 @@ def test_programs_may_use_their_temp_dir_but_not_the_network_and_leave_nothing_b
     assert run_program(inside) == "passed"
     assert run_program("import os; os._exit(0)") == "failed: the process exited without a result"
     net = "import socket; s = socket.socket(); s.settimeout(1); s.connect(('127.0.0.1', 9))"
-    assert run_program(net) == "failed: PermissionError: socket.connect is not allowed in evaluated code"
+    assert run_program(net).startswith("failed: PermissionError")  # seccomp refuses socket() itself
     assert run_program("import socket; socket.getaddrinfo('localhost', 80)").startswith("failed: PermissionError")
     assert {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("lnull-code-")} == before
 

