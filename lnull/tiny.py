@@ -7,6 +7,9 @@ from lnull.data.synthetic import corpus
 from lnull.io import atomic_write_dir
 
 TINY_ID = "lnull:tiny"
+# The tiny LLaMA's shape (its config.json without the tokenizer's ids), known before it is built.
+TINY_CONFIG = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2}
 
 
 def build_tokenizer(vocab_size: int = 512):
@@ -25,16 +28,15 @@ def build_tokenizer(vocab_size: int = 512):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def build_model(tokenizer, hidden: int = 64, layers: int = 2, seed: int = 0):
-    """Randomly initialised LlamaForCausalLM with ``hidden`` width (fp32, deterministic in ``seed``)."""
+def build_model(tokenizer, seed: int = 0):
+    """Randomly initialised LlamaForCausalLM of shape ``TINY_CONFIG`` (fp32, deterministic in ``seed``)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         tie_word_embeddings=False)
+    shape = {k: v for k, v in TINY_CONFIG.items() if k != "model_type"}
+    config = LlamaConfig(vocab_size=len(tokenizer), **shape, max_position_embeddings=1024,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
 

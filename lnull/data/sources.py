@@ -32,9 +32,89 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+JSON_TYPES = {type(None): "null", bool: "true/false", list: "a list", dict: "an object", int: "a number",
+              float: "a number", str: "a string"}
+
+
+def _jsonl_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, record) of every non-blank line; ConfigError naming the file and the line for bytes that
+    are not UTF-8, a line that is not JSON, or a JSON value that is not an object."""
+    rows = []
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ConfigError(f"{path} line {number}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at "
+                                  f"column {exc.start + 1})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path} line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise ConfigError(f"{path} line {number}: {JSON_TYPES.get(type(row), type(row).__name__)}, "
+                                  "not a JSON object (one {...} record per line)")
+            rows.append((number, row))
+    return rows
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    """Records of a jsonl file (blank lines skipped); ConfigError naming the file and line of a bad one."""
+    return [row for _, row in _jsonl_rows(path)]
+
+
+def _json_rows(path: Path) -> list[dict[str, Any]]:
+    """Records of a .json file holding a list of objects; ConfigError naming the file (and line) otherwise."""
+    try:
+        rows = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid UTF-8 (byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(rows, list):
+        raise ConfigError(f"{path}: {JSON_TYPES.get(type(rows), type(rows).__name__)}, not a list of records")
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path} record {index}: {JSON_TYPES.get(type(row), type(row).__name__)}, "
+                              "not a JSON object")
+    return rows
+
+
+def field_value(record: dict[str, Any], path: str) -> Any:
+    """``record`` at a dotted ``path``; integer parts index lists (``conversations.1.value``).
+    Raises KeyError naming the missing part."""
+    value: Any = record
+    for part in path.split("."):
+        if isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        elif isinstance(value, dict) and part in value:
+            value = value[part]
+        else:
+            raise KeyError(part)
+    return value
+
+
+def field_text(record: dict[str, Any], path: str, where: str, key: str = "") -> str:
+    """The text at ``path`` of ``record`` (a number as written); ConfigError naming ``where`` (file and line, or
+    dataset and record), the field and the config ``key`` it comes from when it is missing or not text (a null
+    must never train as the text "None")."""
+    hint = f" ({key})" if key else ""
+    try:
+        value = field_value(record, path)
+    except KeyError:
+        raise ConfigError(f"{where} has no field '{path}'{hint}; record fields: {', '.join(map(str, record))}") \
+            from None
+    if isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return str(value)
+    raise ConfigError(f"{where}: field '{path}' is {JSON_TYPES.get(type(value), type(value).__name__)}, not a "
+                      f"string{hint}")
+
+
+def task_fields(task: Any) -> dict[str, str]:
+    """{config key: field path} of the text a task's template needs (its query and its response)."""
+    return {f"task.{key}": task[key] for key in ("query_field", "response_field")}
 
 
 def _asset_file(spec: str, cache_dir: Optional[str]) -> Path:
@@ -53,8 +133,12 @@ def _local_file(spec: str, what: str = "dataset") -> Path:
     return path
 
 
-def load_records(spec: str, cache_dir: Optional[str] = None, limit: Optional[int] = None) -> list[dict[str, Any]]:
-    """Records named by ``spec`` (see module docstring), at most ``limit`` of them, in source order."""
+def load_records(spec: str, cache_dir: Optional[str] = None, limit: Optional[int] = None,
+                 fields: Optional[dict[str, str]] = None) -> list[dict[str, Any]]:
+    """Records named by ``spec`` (see module docstring), at most ``limit`` of them, in source order. ``fields``
+    ({config key: field path}, e.g. :func:`task_fields`): each returned record must hold text there, else a
+    ConfigError naming the file and line (or the dataset and record)."""
+    lines: Optional[list[int]] = None
     if spec.startswith("synthetic:"):
         from lnull.data.synthetic import GENERATORS
 
@@ -73,8 +157,24 @@ def load_records(spec: str, cache_dir: Optional[str] = None, limit: Optional[int
         rows = [dict(r) for r in (ds.select(range(min(limit, len(ds)))) if limit else ds)]
     else:
         path = _local_file(spec)
-        rows = read_jsonl(path) if path.suffix == ".jsonl" else json.loads(path.read_text())
-    return rows[:limit] if limit is not None else rows
+        if path.suffix == ".jsonl":
+            numbered = _jsonl_rows(path)
+            rows, lines = [row for _, row in numbered], [number for number, _ in numbered]
+        else:
+            rows = _json_rows(path)
+    rows = rows[:limit] if limit is not None else rows
+    for index, row in enumerate(rows if fields else ()):
+        if lines is not None:
+            where = f"{spec} line {lines[index]}"
+        elif not spec.startswith(("synthetic:", "asset:", "hub:")):
+            where = f"{spec} record {index}"
+        else:
+            where = f"dataset '{spec}' record {index}"
+        if not isinstance(row, dict):
+            raise ConfigError(f"{where}: {JSON_TYPES.get(type(row), type(row).__name__)}, not a record")
+        for key, path_ in fields.items():
+            field_text(row, path_, where, key)
+    return rows
 
 
 def require_fields(rows: list[dict[str, Any]], fields: list[str], spec: str) -> None:
@@ -101,9 +201,13 @@ def data_fingerprint(spec: str, cache_dir: Optional[str] = None) -> Optional[str
     return digest.hexdigest()[:16]
 
 
-def check_available(spec: str, cache_dir: Optional[str] = None, what: str = "dataset") -> None:
+def check_available(spec: str, cache_dir: Optional[str] = None, what: str = "dataset",
+                    fields: Optional[dict[str, str]] = None, limit: Optional[int] = None) -> None:
     """Cheap check that ``spec`` can be loaded here (file or asset present, hub reachable), so a run fails in
-    seconds instead of after the stages before the one that reads it."""
+    seconds instead of after the stages before the one that reads it. A local jsonl / json file is read
+    whole: bytes that are not UTF-8, a line that is not JSON or not an object, and (``fields``, ``limit``: as
+    :func:`load_records`) a record without text where the template needs it are a ConfigError naming the file
+    and the line, the same one the loader would raise."""
     if spec.startswith("synthetic:"):
         load_records(spec, cache_dir, 1)
     elif spec.startswith("asset:"):
@@ -116,4 +220,6 @@ def check_available(spec: str, cache_dir: Optional[str] = None, what: str = "dat
             raise ConfigError(f"{what} '{spec}' needs the Hugging Face hub, which is not reachable (offline); "
                               "point it at a local jsonl file instead")
     else:
-        _local_file(spec, what)
+        path = _local_file(spec, what)
+        if path.is_file() and path.suffix in (".jsonl", ".json"):
+            load_records(spec, cache_dir, limit, fields)

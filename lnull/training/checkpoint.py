@@ -61,7 +61,8 @@ def save(accelerator: Any, root: Path, state: dict[str, Any]) -> Path:
 
 
 def resume(accelerator: Any, root: Path) -> Optional[dict[str, Any]]:
-    """Load the newest complete checkpoint into the prepared objects; its trainer state, or None."""
+    """Load the newest complete checkpoint into the prepared objects; its trainer state, or None. Says so in one
+    line (``[train] resumed from step N (<checkpoint>)``) on the main process."""
     path = latest(root)
     if path is None:
         return None
@@ -69,4 +70,7 @@ def resume(accelerator: Any, root: Path) -> Optional[dict[str, Any]]:
         accelerator.load_state(str(path), load_module_strict=False)
     else:
         accelerator.load_state(str(path), strict=False)
-    return json.loads((path / STATE_FILE).read_text())
+    state = json.loads((path / STATE_FILE).read_text())
+    if accelerator.is_main_process:
+        print(f"[train] resumed from step {state['step']} ({path})", flush=True)
+    return state

@@ -15,46 +15,24 @@ from safetensors.torch import load_file
 
 from lnull.errors import ConfigError
 from lnull.data.prompts import IGNORE_INDEX, encode_example
-from lnull.data.sources import load_records
+from lnull.data.sources import field_text, field_value, load_records, task_fields  # noqa: F401 (field_value: API)
 
 EXAMPLES_FILE = "examples.safetensors"
 
 
-def field_value(record: dict[str, Any], path: str) -> Any:
-    """``record`` at a dotted ``path``; integer parts index lists (``conversations.1.value``).
-    Raises KeyError naming the missing part."""
-    value: Any = record
-    for part in path.split("."):
-        if isinstance(value, list) and part.isdigit() and int(part) < len(value):
-            value = value[int(part)]
-        elif isinstance(value, dict) and part in value:
-            value = value[part]
-        else:
-            raise KeyError(part)
-    return value
-
-
 def query_response_pairs(rows: list[dict[str, Any]], task: dict[str, Any], source: str) -> list[tuple[str, str]]:
     """(query, response) of each record by ``task.query_field`` / ``task.response_field``; ConfigError naming
-    the first record without one."""
-    pairs = []
-    for index, row in enumerate(rows):
-        values = []
-        for key in ("query_field", "response_field"):
-            try:
-                values.append(str(field_value(row, task[key])))
-            except KeyError:
-                raise ConfigError(f"task dataset '{source}' record {index} has no field "
-                                  f"'{task[key]}' (task.{key}; record fields: {', '.join(row)})") from None
-        pairs.append((values[0], values[1]))
-    return pairs
+    the first record without text in one of them."""
+    return [tuple(field_text(row, path, f"dataset '{source}' record {index}", key)  # type: ignore[misc]
+                  for key, path in task_fields(task).items())
+            for index, row in enumerate(rows)]
 
 
 def build_examples(cfg: dict[str, Any], tokenizer: Any) -> list[dict[str, list[int]]]:
     """Tokenised, response-masked examples of ``cfg['task']``; ConfigError on a record without the query or
     response field (naming the record) or when every response is cut away by ``train.max_length``."""
     task, tcfg = cfg["task"], cfg["train"]
-    rows = load_records(task["dataset"], cfg.get("cache_dir"), task["max_examples"])
+    rows = load_records(task["dataset"], cfg.get("cache_dir"), task["max_examples"], task_fields(task))
     if not rows:
         raise ConfigError(f"task dataset '{task['dataset']}' is empty")
     examples = [encode_example(tokenizer, query, response, tcfg["max_length"], task["prompt"], cfg["model"]["add_bos"])
