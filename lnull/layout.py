@@ -17,10 +17,11 @@ import yaml
 from lnull.errors import ConfigError
 from lnull.io import atomic_write_text, stable_hash, try_read_json
 from lnull.stages import BY_NAME, STAGES, StageKeys
-from lnull.store import MARKER, Store
+from lnull.store import MARKER, RECORDS, Store
 
 # Sections that name a run: the default run dir hashes these. `eval` is left out on purpose, so that re-scoring
 # with other benchmarks reuses the same folder (its records are keyed on their own).
+CONFIG_DIGEST = ".config.sha256"  # sha256 of the config.yaml lnull wrote, to tell a hand edit
 IDENTITY_SECTIONS = ("experiment", "model", "method", "calibration", "task", "train", "accelerate")
 
 
@@ -52,8 +53,10 @@ class RunLayout:
         self.keys = StageKeys(self.cfg, complete=lambda stage: BY_NAME[stage].stored and self.is_complete(stage))
 
     @classmethod
-    def create(cls, cfg: dict[str, Any]) -> "RunLayout":
-        """The layout with its folder made (checked writable) and ``config.yaml`` written."""
+    def create(cls, cfg: dict[str, Any], from_file: bool = False) -> "RunLayout":
+        """The layout with its folder made (checked writable), ``config.yaml`` written and the run registered in
+        the store (its id). A ``config.yaml`` edited by hand is never overwritten silently: ConfigError naming
+        ``lnull run --from``, unless this config was read from that file (``from_file``)."""
         layout = cls(cfg)
         try:
             layout.dir.mkdir(parents=True, exist_ok=True)
@@ -62,8 +65,25 @@ class RunLayout:
             probe.unlink()
         except OSError as exc:
             raise ConfigError(f"run.dir '{layout.dir}' is not writable: {exc.strerror or exc}") from None
-        atomic_write_text(layout.dir / "config.yaml", yaml.safe_dump(layout.cfg, sort_keys=False))
+        text = yaml.safe_dump(layout.cfg, sort_keys=False)
+        if not from_file:
+            layout.check_config_unedited(text)
+        atomic_write_text(layout.dir / "config.yaml", text)
+        atomic_write_text(layout.dir / CONFIG_DIGEST, stable_hash(text, 64) + "\n")
+        layout.store.register(layout.dir)
         return layout
+
+    def check_config_unedited(self, new_text: str) -> None:
+        """ConfigError when the run's ``config.yaml`` differs from what lnull last wrote there (edited by hand)
+        and from ``new_text`` (what this command would write): its edits would be lost."""
+        path, digest = self.dir / "config.yaml", self.dir / CONFIG_DIGEST
+        if not (path.exists() and digest.exists()):
+            return
+        text = path.read_text(errors="replace")
+        if stable_hash(text, 64) not in (digest.read_text().strip(), stable_hash(new_text, 64)):
+            raise ConfigError(f"{path} was edited by hand and this command would overwrite it: run the edited "
+                              f"config with `lnull run --from {self.dir}`, or delete the file to run this command's "
+                              "config")
 
     # ------------------------------------------------------------------ paths
 
@@ -94,10 +114,19 @@ class RunLayout:
         marker = try_read_json(self.view(stage) / MARKER)
         if not (isinstance(marker, dict) and marker.get("key") == self.keys[stage]):
             return False
-        # its links into the store (e.g. eval/<model>/<benchmark>.json) must still resolve to readable files: a
-        # gc'd, deleted or truncated record makes the stage incomplete, so it is redone instead of reported
-        return all(p.exists() and (p.suffix != ".json" or try_read_json(p) is not None)
-                   for p in self.view(stage).rglob("*") if p.is_symlink())
+        # its links into the store (e.g. eval/<model>/<benchmark>.json) must still resolve to intact files: a
+        # gc'd, deleted, truncated or hand-edited record makes the stage incomplete, so it is redone (the record
+        # re-scored) instead of reported
+        for link in (p for p in self.view(stage).rglob("*") if p.is_symlink()):
+            target = link.resolve()
+            if not target.exists():
+                return False
+            if target.parent == self.store.root / RECORDS and target.suffix == ".json":
+                if self.store.read_record(target.stem) is None:
+                    return False
+            elif link.suffix == ".json" and try_read_json(link) is None:
+                return False
+        return True
 
     def input(self, stage: str) -> Path:
         """The completed output folder of an upstream stage (store entry or run-local folder)."""

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from lnull.errors import ConfigError
-from lnull.io import atomic_write_json, drop_stale_temps, read_json
-from lnull.layout import RunLayout
+from lnull.io import atomic_write_json, check_writable_dir, drop_stale_temps, read_json
+from lnull.layout import RunLayout, store_root
 from lnull.stages import BY_NAME, DEFAULT_CHAIN, Stage
 from lnull.store import MARKER
 
@@ -48,6 +48,8 @@ def chain(cfg: dict[str, Any]) -> list[str]:
 def run_stage(layout: RunLayout, name: str, log: Log = print) -> dict[str, Any]:
     """Run one stage for the layout's config unless its output for this key exists; link the run's view."""
     stage, cfg = BY_NAME[name], layout.cfg
+    if not stage.always:  # before it starts: gc keeps what it reads and writes
+        layout.store.register(layout.dir, *_uses(layout, name))
     if layout.is_complete(name):
         if stage.stored:
             layout.link(name)
@@ -83,6 +85,21 @@ def run_stage(layout: RunLayout, name: str, log: Log = print) -> dict[str, Any]:
     return summary
 
 
+def _uses(layout: RunLayout, name: str) -> tuple[dict[str, str], list[str]]:
+    """({folder: key}, [record keys]) stage ``name`` of this run reads and writes."""
+    stage, cfg = BY_NAME[name], layout.cfg
+    entries = {BY_NAME[s].folder: layout.keys[s] for s in stage.reads(cfg) if BY_NAME[s].stored}
+    if stage.stored:
+        entries[stage.folder] = layout.keys[name]
+    records: list[str] = []
+    if name == "evaluate":
+        from lnull.evaluate import expected_records
+
+        for which in cfg["eval"]["models"]:
+            records += expected_records(layout, which).values()
+    return entries, records
+
+
 def _run_local(layout: RunLayout, stage: Stage, produce: Callable[[Path], dict], identity: dict) -> dict[str, Any]:
     """A run-local stage: work in ``<folder>.partial`` under the run's lock, publish by one rename (or return
     the summary another process published while this one waited for the lock)."""
@@ -103,19 +120,22 @@ def _run_local(layout: RunLayout, stage: Stage, produce: Callable[[Path], dict],
 def check_inputs(layout: RunLayout, stages: list[str]) -> None:
     """Data and models the pending stages will read are here (before hours of calibration and training, not
     after, and before any model loads)."""
-    from lnull.data.sources import check_available
-    from lnull.modeling import check_model_available
+    from lnull.data.sources import check_available, task_fields
+    from lnull.modeling import check_model_available, check_shapes
 
     cfg, cache = layout.cfg, layout.cfg.get("cache_dir")
     loads_base = [s for s in ("calibrate", "init", "analyze", "export") if s in stages and not layout.is_complete(s)]
     if "train" in stages and not layout.is_complete("train"):
-        check_available(cfg["task"]["dataset"], cache, "task.dataset")
+        check_available(cfg["task"]["dataset"], cache, "task.dataset", fields=task_fields(cfg["task"]),
+                        limit=cfg["task"]["max_examples"])
+    if "init" in stages and not layout.is_complete("init"):
+        check_shapes(cfg)
     if "evaluate" in stages:
         from lnull.evaluate import expected_records
         from lnull.evaluate.registry import RUN_MODELS, check_benchmark_inputs
 
         for name, bench in cfg["eval"]["benchmarks"].items():
-            check_benchmark_inputs(name, bench, cache)
+            check_benchmark_inputs(name, bench, cache, cfg["eval"])
         for model in cfg["eval"]["models"]:
             if model not in RUN_MODELS:
                 check_model_available(model, cache, "eval.models entry")
@@ -126,9 +146,11 @@ def check_inputs(layout: RunLayout, stages: list[str]) -> None:
         check_model_available(cfg["model"]["name_or_path"], cache)
 
 
-def run_pipeline(cfg: dict[str, Any], stages: Optional[list[str]] = None, log: Log = print) -> RunLayout:
+def run_pipeline(cfg: dict[str, Any], stages: Optional[list[str]] = None, log: Log = print,
+                 from_file: bool = False) -> RunLayout:
     """Run ``stages`` (default: :func:`chain`) in order on the config's run folder. ``lnull run`` (no
-    ``stages``) skips stages that do not apply (calibration for a method that reads no statistic)."""
+    ``stages``) skips stages that do not apply (calibration for a method that reads no statistic).
+    ``from_file``: ``cfg`` was read from the run's own ``config.yaml`` (``lnull run --from``)."""
     explicit = stages is not None
     names = list(stages) if explicit else chain(cfg)
     for name in names:
@@ -139,7 +161,8 @@ def run_pipeline(cfg: dict[str, Any], stages: Optional[list[str]] = None, log: L
         for name in names:
             run_stage(layout, name, log)
         return layout
-    layout = RunLayout.create(cfg)
+    check_writable_dir(store_root(cfg), "store.root")
+    layout = RunLayout.create(cfg, from_file)
     if not explicit:
         skipped = [n for n in names if not BY_NAME[n].applies(layout.cfg)]
         for name in skipped:
@@ -148,11 +171,10 @@ def run_pipeline(cfg: dict[str, Any], stages: Optional[list[str]] = None, log: L
     check_inputs(layout, names)
     layout.drop_stale_views(log)
     atomic_write_json(layout.dir / "provenance.json", provenance())
-    try:
+    with layout.store.session():  # each stage records its keys when it starts (run_stage)
         for name in names:
             run_stage(layout, name, log)
-    finally:
-        layout.store.add_ref(layout.dir, layout.used())
+        layout.store.register(layout.dir, **layout.used(), replace=True)  # a changed config's old keys released
     return layout
 
 

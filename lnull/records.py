@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Optional, Union, get_args, get_origin, get_type_hints
 
 from lnull.errors import ConfigError
 
@@ -177,9 +177,32 @@ def lineage(markers: dict[str, dict[str, Any]], base: ModelIdentity) -> dict[str
     return {"base_model": base, "method": method, "calibration": calibration, "train": trained}
 
 
-def read_results(path: Path) -> list[ResultRecord]:
-    """The validated records of a run's ``eval/results.json``."""
-    from lnull.io import read_json
+def record_digest(record: dict[str, Any]) -> str:
+    """sha256 of a record's content (key order and whitespace do not count; every value does)."""
+    from lnull.io import stable_hash
 
-    data = read_json(path)
-    return [validate(rec, f"{path} record {i}") for i, rec in enumerate(data.get("results", []))]
+    return stable_hash(record, 64)
+
+
+def read_results(path: Path, warn: Optional[Callable[[str], None]] = None) -> list[ResultRecord]:
+    """The validated records of a run's ``eval/results.json`` whose content matches the digest listed beside
+    them; a record changed after scoring (or a file written before digests) is reported with ``warn`` in one
+    line and left out, never shown."""
+    from lnull import io
+
+    warn = warn or io.warn
+    data = io.read_json(path)
+    digests = data.get("sha256")
+    if not isinstance(digests, dict):
+        warn(f"lnull: {path} lists no record digests (written before digests): its records are not shown; rerun "
+             "`lnull evaluate` for that run")
+        return []
+    records = []
+    for i, rec in enumerate(data.get("results", [])):
+        key = rec.get("key") if isinstance(rec, dict) else None
+        if key is None or digests.get(key) != record_digest(rec):
+            warn(f"lnull: {path} record {i} ({key}) does not match its digest: it was changed after it was "
+                 "scored; not shown (rerun `lnull evaluate` for that run to re-score it)")
+            continue
+        records.append(validate(rec, f"{path} record {i}"))
+    return records

@@ -6,14 +6,16 @@ Layout (``store.root``, default ``store/`` beside the run folder, i.e. ``<run.ro
     init/<key>/                 summary, provenance); present only when complete
     train/<key>/  export/<key>/
     <folder>/<key>.partial/   work in progress of that key (kept when killed: the next attempt resumes in it)
-    eval/<key>.json           one result record (lnull.records); eval/<key>.work/ is its scorer's scratch (cached
-                                generations, MT-Bench answers), kept and removed with the record
+    eval/<key>.json           one result record (lnull.records) and eval/<key>.sha256 its content digest: a record
+                                changed after scoring does not count (it is re-scored); eval/<key>.work/ is its
+                                scorer's scratch (cached generations, MT-Bench answers), kept and removed with it
     locks/<folder>.<key>.lock one file lock per key: one process computes, the others wait and reuse
-    refs/<run>.json           which keys a run folder uses (its views), read by `lnull store ls` / `gc`
+    refs/<run id>.json        which keys a run folder uses, hard-linked to the run's own .lnull-ref.json
+    procs/<pid>-<rand>.lock   the lnull processes running now (lnull.runrefs)
 
 Keys come from ``lnull.stages`` (the hash of exactly what a stage reads). A run folder holds views
 (symlinks) of its entries, so deleting a run deletes nothing shared; ``lnull store gc`` drops entries no run
-uses.
+uses, and never one a live run (renamed, moved or still running) uses (``lnull.runrefs``).
 """
 from __future__ import annotations
 
@@ -27,10 +29,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from lnull.io import atomic_write_json, drop_stale_temps, stable_hash, try_read_json
+from lnull import runrefs
+from lnull.io import atomic_write_bytes, atomic_write_json, drop_stale_temps, try_read_json
+from lnull.records import record_digest
 
 MARKER = "complete.json"
 RECORDS = "eval"
+NOT_ENTRIES = ("locks", "refs", "procs")
 
 
 def tree_size(path: Path) -> int:
@@ -88,6 +93,9 @@ class Store:
     def record_work(self, key: str) -> Path:
         return self.root / RECORDS / f"{key}.work"
 
+    def record_digest(self, key: str) -> Path:
+        return self.root / RECORDS / f"{key}.sha256"
+
     # ------------------------------------------------------------------ state
 
     def _inspect(self, folder: str, key: str) -> tuple[Optional[dict[str, Any]], Optional[str]]:
@@ -107,9 +115,38 @@ class Store:
         unreadable file: the entry does not count and is recomputed)."""
         return self._inspect(folder, key)[0]
 
-    def read_record(self, key: str) -> Optional[dict[str, Any]]:
-        data = try_read_json(self.record(key))
-        return data if isinstance(data, dict) and data.get("key") == key else None
+    def inspect_record(self, key: str) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+        """(the record of ``key``, None) when it is intact; (None, why not) when it is missing, unreadable, names
+        another key, or its content no longer matches the digest written with it (edited by hand)."""
+        path = self.record(key)
+        if not path.exists():
+            return None, f"{path} is missing"
+        data = try_read_json(path)
+        if not isinstance(data, dict) or data.get("key") != key:
+            return None, f"{path} is damaged (unreadable or another key)"
+        digest = self.record_digest(key)
+        written = digest.read_text().strip() if digest.exists() else None
+        if written != record_digest(data):
+            why = "has no digest (written before digests)" if written is None else "does not match its digest"
+            return None, f"{path} {why}: it was changed after it was scored"
+        return data, None
+
+    def read_record(self, key: str, warn: Optional[Callable[[str], None]] = None) -> Optional[dict[str, Any]]:
+        """The intact record of ``key`` (:meth:`inspect_record`) or None; ``warn`` is told in one line why a
+        record that exists does not count (tables: it is shown as missing, and re-scored when its row runs)."""
+        data, why = self.inspect_record(key)
+        if data is None and warn is not None and self.record(key).exists():
+            warn(f"lnull: {why}; not used (re-scored when its run evaluates again)")
+        return data
+
+    def write_record(self, key: str, record: dict[str, Any]) -> str:
+        """Write a record and its digest (the record first: a crash between leaves a record that does not count);
+        return the digest."""
+        digest = record_digest(record)
+        self.record_digest(key).unlink(missing_ok=True)
+        atomic_write_json(self.record(key), record)
+        atomic_write_bytes(self.record_digest(key), (digest + "\n").encode())
+        return digest
 
     @contextlib.contextmanager
     def lock(self, folder: str, key: str, log: Callable[[str], None] = print) -> Iterator[None]:
@@ -155,27 +192,19 @@ class Store:
 
     # ------------------------------------------------------------------ runs using the store
 
-    def add_ref(self, run_dir: Path, used: dict[str, Any]) -> None:
-        """Record which keys ``run_dir`` uses now (``{"entries": {folder: key}, "records": [keys]}``)."""
-        run_dir = Path(run_dir).resolve()
-        atomic_write_json(self.root / "refs" / f"{run_dir.name}-{stable_hash(str(run_dir), 8)}.json",
-                          {"run": str(run_dir), **used})
+    def register(self, run_dir: Path, entries: Optional[dict[str, str]] = None, records: Optional[list[str]] = None,
+                 replace: bool = False) -> str:
+        """Record keys ``run_dir`` uses (:func:`lnull.runrefs.register`); returns the run's id."""
+        return runrefs.register(self.root, run_dir, entries, records, replace)
 
-    def refs(self) -> list[dict[str, Any]]:
-        """Refs of runs that still exist (a ref whose run folder was deleted is dropped)."""
-        live = []
-        for path in sorted((self.root / "refs").glob("*.json")):
-            ref = try_read_json(path)
-            if isinstance(ref, dict) and Path(ref.get("run", "")).is_dir():
-                live.append(ref)
-            else:
-                path.unlink(missing_ok=True)
-        return live
+    def session(self) -> contextlib.AbstractContextManager:
+        """This process runs on the store until the block ends: gc keeps what it writes meanwhile."""
+        return runrefs.session(self.root)
 
     def entries(self) -> list[tuple[str, str, Path]]:
         """Every complete entry and record: (folder, key, path)."""
         found = []
-        for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and p.name not in ("locks", "refs")):
+        for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and p.name not in NOT_ENTRIES):
             for path in sorted(folder.iterdir()):
                 if folder.name == RECORDS:
                     if path.suffix == ".json":
@@ -185,15 +214,18 @@ class Store:
         return found
 
     def users(self) -> dict[tuple[str, str], list[str]]:
-        """{(folder, key): [run folder names]} from the live refs."""
+        """{(folder, key): [run folder names]} from the refs of runs that still exist (wherever they moved)."""
         used: dict[tuple[str, str], list[str]] = {}
-        for ref in self.refs():
+        for ref in runrefs.live_refs(self.root):
             name = Path(ref["run"]).name
             for folder, key in ref.get("entries", {}).items():
                 used.setdefault((folder, key), []).append(name)
             for key in ref.get("records", []):
                 used.setdefault((RECORDS, key), []).append(name)
         return used
+
+    def _record_files(self, key: str) -> list[Path]:
+        return [self.record(key), self.record_digest(key), self.record_work(key)]
 
     def ls(self) -> list[dict[str, Any]]:
         """One row per entry: folder, key, bytes, the runs using it."""
@@ -202,32 +234,77 @@ class Store:
         used = self.users()
         rows = []
         for folder, key, path in self.entries():
-            size = tree_size(path) + (tree_size(self.record_work(key)) if folder == RECORDS
-                                      and self.record_work(key).exists() else 0)
-            rows.append({"folder": folder, "key": key, "bytes": size, "runs": sorted(used.get((folder, key), []))})
+            files = self._record_files(key) if folder == RECORDS else [path]
+            rows.append({"folder": folder, "key": key, "bytes": sum(tree_size(f) for f in files if f.exists()),
+                         "runs": sorted(used.get((folder, key), []))})
         return rows
 
-    def gc(self, log: Callable[[str], None] = print) -> list[str]:
-        """Delete entries (and abandoned partial folders) no live run uses; return what was removed."""
+    def _busy(self, folder: str, key: str) -> bool:
+        """Whether a process holds the key's lock now (computing or scoring it)."""
+        path = self.root / "locks" / f"{folder}.{key}.lock"
+        if not path.exists():
+            return False
+        with open(path, "a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(fh, fcntl.LOCK_UN)
+        return False
+
+    def gc_plan(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(what gc would remove, what it keeps although no run lists it, and why), each row ``{"path", "folder",
+        "key", "bytes", "why"}``. Kept: an entry whose lock is held (being computed or read under it now), and
+        anything written after the oldest running lnull process started (it may be about to record it)."""
         if not self.root.exists():
-            return []
+            return [], []
         used = self.users()
-        removed = []
-        for folder, key, path in self.entries():
-            if (folder, key) in used:
-                continue
-            with self.lock(folder, key, log):
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink(missing_ok=True)
-                shutil.rmtree(self.partial(folder, key), ignore_errors=True)
-                shutil.rmtree(self.record_work(key) if folder == RECORDS else path, ignore_errors=True)
-            removed.append(f"{folder}/{key}")
-        for partial in self.root.glob("*/*.partial"):
+        since = runrefs.oldest_live_session(self.root)
+        candidates = [(folder, key, path) for folder, key, path in self.entries() if (folder, key) not in used]
+        for partial in sorted(self.root.glob("*/*.partial")):
             folder, key = partial.parent.name, partial.name[:-len(".partial")]
             if (folder, key) not in used and not self.entry(folder, key).exists():
-                with self.lock(folder, key, log):  # waits for a process still working in it
-                    shutil.rmtree(partial, ignore_errors=True)
-                removed.append(f"{folder}/{partial.name}")
+                candidates.append((folder, key, partial))
+        for work in sorted(self.root.glob(f"{RECORDS}/*.work")):  # a scorer's cache whose record never came
+            if (RECORDS, work.stem) not in used and not self.record(work.stem).exists():
+                candidates.append((RECORDS, work.stem, work))
+        remove, keep = [], []
+        for folder, key, path in candidates:
+            files = self._record_files(key) if folder == RECORDS else [path]
+            row = {"path": str(path), "folder": folder, "key": key,
+                   "bytes": sum(tree_size(f) for f in files if f.exists())}
+            written = max((f.stat().st_mtime for f in (path / MARKER, path) if f.exists()), default=0.0)
+            if self._busy(folder, key):
+                keep.append({**row, "why": "its lock is held by a running process"})
+            elif since is not None and written >= since - 1.0:
+                keep.append({**row, "why": "written after a running lnull process started"})
+            else:
+                remove.append({**row, "why": "no run uses it"})
+        return remove, keep
+
+    def gc(self, dry_run: bool = False, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+        """Delete what :meth:`gc_plan` says no run uses (nothing with ``dry_run``); return the rows removed. Each
+        deletion re-checks under the key's lock, without waiting: a key taken meanwhile is kept."""
+        remove, _ = self.gc_plan()
+        if dry_run:
+            return remove
+        removed = []
+        for row in remove:
+            folder, key, path = row["folder"], row["key"], Path(row["path"])
+            lock = self.root / "locks" / f"{folder}.{key}.lock"
+            with open(lock, "a") as fh:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    log(f"[gc] kept {folder}/{key}: a process took it meanwhile")
+                    continue
+                try:
+                    for item in (self._record_files(key) if folder == RECORDS else [path]):
+                        if item.is_dir():
+                            shutil.rmtree(item, ignore_errors=True)
+                        else:
+                            item.unlink(missing_ok=True)
+                finally:
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+            removed.append(row)
         return removed

@@ -59,7 +59,7 @@ def test_every_readme_command_composes(command, capsys, monkeypatch):
         assert overrides and overrides[0] in ("ls", "gc"), command
         overrides = [o for o in overrides[1:] if not o.startswith("--")]
     if "--from" in overrides:
-        pytest.skip("runs a run folder's own config.yaml (tests/test_cli.py)")
+        pytest.skip("runs a run folder's own config.yaml (tests/test_integrity.py runs it)")
     overrides = ["table.audit=true" if o == "--audit" else o for o in overrides]
     composed = []
     real = lnull.compose.compose

@@ -177,7 +177,6 @@ SHIFTS = {"lora": (0.5, 90.0), "pissa": (0.4, 95.0), "corda_kpm": (0.3, 80.0), "
 
 def _store_fixture(cfg, skip=()):
     from lnull.evaluate import expected_records
-    from lnull.io import atomic_write_json
     from lnull.layout import RunLayout
 
     rng = random.Random(0)
@@ -188,7 +187,7 @@ def _store_fixture(cfg, skip=()):
     keys = expected_records(RunLayout(base_cfg), "base")
     store = RunLayout(base_cfg).store
     for bench, items in base_items.items():
-        atomic_write_json(store.record(keys[bench]), _record(keys[bench], "base", bench, items))
+        store.write_record(keys[bench], _record(keys[bench], "base", bench, items))
     for fit in fits:
         if fit.method in skip:
             continue
@@ -200,7 +199,7 @@ def _store_fixture(cfg, skip=()):
                 new = [100.0] * hits + [0.0] * (50 - hits)
             else:
                 new = [x + shift + rng.gauss(0, 0.02) for x in items]
-            atomic_write_json(store.record(keys[bench]), _record(keys[bench], "trained", bench, new, fit.method))
+            store.write_record(keys[bench], _record(keys[bench], "trained", bench, new, fit.method))
 
 
 def test_demo_table_builds_from_fixture_records(tmp_path):

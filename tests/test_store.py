@@ -101,7 +101,7 @@ def test_store_ls_lists_users_and_gc_drops_only_what_no_run_uses(tmp_path):
     import shutil
 
     shutil.rmtree(v2)
-    removed = lnull("store", "gc", f"run.root={tmp_path}", check=True).stdout
+    removed = lnull("store", "gc", "--yes", f"run.root={tmp_path}", check=True).stdout
     assert f"init/{v2_init.name}" in removed and not v2_init.exists()
     assert len(list((tmp_path / "store" / "calibration").iterdir())) == 1  # still used by v1
     assert (next(tmp_path.glob("tiny-*")) / "train" / "complete.json").exists()

@@ -47,7 +47,6 @@ def _record(key: str, which: str, bench: str, value, method=None, params=None) -
 def _store_reported(rows, tcfg, printed, skip=()):
     """Write the papers' printed raw values as the rows' stored records (except rows in ``skip``)."""
     from lnull.evaluate import expected_records
-    from lnull.io import atomic_write_json
     from lnull.layout import RunLayout
 
     for row in rows:
@@ -58,7 +57,7 @@ def _store_reported(rows, tcfg, printed, skip=()):
         keys = expected_records(layout, "base" if row.is_base else "trained")
         for bench in tcfg["knowledge"] + tcfg["downstream"]:
             value = rep.values.get(bench)  # the pre-trained downstream scores are not printed: "not scored"
-            atomic_write_json(layout.store.record(keys[bench]), _record(
+            layout.store.write_record(keys[bench], _record(
                 keys[bench], "base" if row.is_base else "trained", bench, value,
                 None if row.is_base else row.method, None if row.is_base else 320_000_000))
 

@@ -22,7 +22,7 @@ from lnull.evaluate.base import EvalContext
 from lnull.evaluate.registry import LM_EVAL_KINDS, RUN_MODELS, SCORER_VERSIONS, check_benchmark_inputs, scorer
 from lnull.io import atomic_write_json, stable_hash
 from lnull.modeling import load_model, load_tokenizer, model_fingerprint, pick_device, resolve_model
-from lnull.records import ModelIdentity, ResultRecord, ScorerIdentity, lineage, validate
+from lnull.records import ModelIdentity, ResultRecord, ScorerIdentity, lineage, record_digest, validate
 
 # Records whose value is a percentage of n independent items: their stderr is the binomial one.
 PROPORTION_KINDS = ("math", "code", "qa_exact_match")
@@ -201,7 +201,7 @@ def run(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
         raise ConfigError("eval.benchmarks is empty; pick an eval= config (e.g. eval=[knowledge,math])")
     for name, bench in benchmarks.items():  # unknown kinds, missing data, unknown tasks: before any model loads
         scorer(bench["kind"])
-        check_benchmark_inputs(name, bench, cfg.get("cache_dir"))
+        check_benchmark_inputs(name, bench, cfg.get("cache_dir"), cfg["eval"])
     device = pick_device(cfg["device"])
     records, counts = [], {"scored": 0, "reused": 0}
     for which in cfg["eval"]["models"]:
@@ -213,9 +213,10 @@ def run(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
         for name, bench in benchmarks.items():
             key = keys[name]
             with store.lock("eval", key, log):
-                if store.read_record(key) is None:
+                stored, why = store.inspect_record(key)
+                if stored is None:
                     if store.record(key).exists():
-                        log(f"[evaluate] {store.record(key)} is damaged (unreadable or another key): re-scoring it")
+                        log(f"[evaluate] {why}; re-scoring it")
                     if loaded is None:
                         weights = needs_weights([benchmarks[n] for n in pending], cfg["eval"])
                         loaded = load_for_eval(cfg, layout, which, device, weights)
@@ -223,18 +224,20 @@ def run(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
                     work = store.record_work(key)
                     work.mkdir(parents=True, exist_ok=True)
                     ectx = EvalContext(loaded[0], loaded[1], cfg, which, ident, work, base, adapter)
-                    atomic_write_json(store.record(key), score_one(name, bench, ectx, key, identity))
+                    stored = score_one(name, bench, ectx, key, identity)
+                    store.write_record(key, stored)
                     counts["scored"] += 1
                     log(f"[evaluate] {which}/{name}: scored ({key})")
                 else:
                     counts["reused"] += 1
                     log(f"[evaluate] {which}/{name}: stored record reused ({key})")
-            records.append(validate(json.loads(store.record(key).read_text()), str(store.record(key))).to_dict())
+            records.append(validate(stored, str(store.record(key))).to_dict())
             link = ctx.out / model_slug(which) / f"{name}.json"
             link.parent.mkdir(parents=True, exist_ok=True)
             link.unlink(missing_ok=True)
             os.symlink(os.path.relpath(store.record(key), link.parent), link)
     atomic_write_json(ctx.out / "results.json", {"run": str(layout.dir), "experiment": cfg["experiment"],
-                                                 "results": records})
+                                                 "results": records,
+                                                 "sha256": {r["key"]: record_digest(r) for r in records}})
     return {**counts, **{r["model"] + "/" + r["benchmark"]: (round(r["value"], 2) if r["value"] is not None
                                                              else None) for r in records}}

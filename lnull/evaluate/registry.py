@@ -106,9 +106,16 @@ def judge_key(url: str, key_env: str) -> Optional[str]:
     return key
 
 
-def check_benchmark_inputs(name: str, bench: dict[str, Any], cache_dir: Any) -> None:
-    """Before any model is loaded: the benchmark's data is here and an lm-eval task name exists."""
+def check_benchmark_inputs(name: str, bench: dict[str, Any], cache_dir: Any,
+                           eval_cfg: Optional[dict[str, Any]] = None) -> None:
+    """Before any model is loaded: the benchmark's data is here, an lm-eval task name exists, and (given
+    ``eval_cfg``) this machine can isolate the programs a code benchmark runs."""
     from lnull.data.sources import check_available
+
+    if bench["kind"] == "code" and eval_cfg is not None and eval_cfg["code"]["backend"] == "builtin":
+        from lnull.evaluate.sandbox import check_isolation
+
+        check_isolation(eval_cfg["code"]["isolation"])
 
     if bench.get("dataset") and bench["dataset"] != "hub":
         check_available(bench["dataset"], cache_dir, f"eval.benchmarks.{name}.dataset")

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from lnull.errors import ConfigError
+from lnull.io import warn
 from lnull.tables.derived import derive
 
 
@@ -109,7 +110,7 @@ def fill(rows: list[Row], tcfg: dict[str, Any]) -> None:
         layout = RunLayout(row.cfg)
         keys = expected_records(layout, "base" if row.is_base else "trained")
         for bench in raw:
-            rec = layout.store.read_record(keys[bench])
+            rec = layout.store.read_record(keys[bench], warn=warn)
             if rec is None:
                 row.cells[bench] = Cell(None, missing="not run")
             elif rec["value"] is None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from lnull.errors import ConfigError
+from lnull.io import warn
 from lnull.tables.paper import Cell, Row, row_overrides
 
 LOWER_IS_BETTER = ("avg_nll",)  # plus every knowledge and general column
@@ -72,7 +73,7 @@ def _records(cfg: dict[str, Any], which: str, benches: list[str]) -> dict[str, O
     if missing:
         raise ConfigError(f"columns {', '.join(missing)} are not benchmarks of experiment '{cfg['experiment']}' "
                           f"(it has {', '.join(keys)})")
-    return {b: layout.store.read_record(keys[b]) for b in benches}
+    return {b: layout.store.read_record(keys[b], warn=warn) for b in benches}
 
 
 def _items(rec: dict[str, Any]) -> list[float]:

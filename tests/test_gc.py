@@ -1,0 +1,128 @@
+"""`lnull store gc` never deletes live work: renamed, moved and copied run folders keep their entries, a running
+process keeps what it reads and writes, and gc lists before it deletes (--dry-run, confirmation, --yes)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, lnull
+from lnull.cli import compose
+from lnull.pipeline import run_pipeline
+from lnull.runrefs import RUN_FILE
+from lnull.store import Store
+
+TINY = ["+experiment=tiny", "progress=false", "method=lora_null_v1", "train.max_steps=4"]
+
+
+def _run(root: Path, name: str = "run", *extra: str) -> Path:
+    cfg = compose([*TINY, f"run.root={root}", f"run.dir={root / name}", *extra])
+    return run_pipeline(cfg, log=lambda _: None).dir
+
+
+def _entries(store: Path) -> set[str]:
+    return {f"{p.parent.name}/{p.name}" for p in store.glob("*/*") if p.parent.name not in ("locks", "refs", "procs")}
+
+
+def _gc(root: Path, *flags: str) -> subprocess.CompletedProcess:
+    return lnull("store", "gc", *flags, f"run.root={root}", f"store.root={root / 'store'}")
+
+
+def test_a_renamed_run_keeps_everything_it_uses(tmp_path):
+    run = _run(tmp_path)
+    before = _entries(tmp_path / "store")
+    run.rename(tmp_path / "my-best-run")
+    proc = _gc(tmp_path, "--yes")
+    assert proc.returncode == 0, proc.stderr
+    assert _entries(tmp_path / "store") == before, proc.stdout
+    assert "nothing to remove" in proc.stdout
+
+
+def test_moving_the_whole_runs_folder_with_its_store_keeps_everything(tmp_path):
+    _run(tmp_path / "runs")
+    before = _entries(tmp_path / "runs" / "store")
+    shutil.move(str(tmp_path / "runs"), str(tmp_path / "moved"))
+    proc = _gc(tmp_path / "moved", "--yes")
+    assert proc.returncode == 0, proc.stderr
+    assert _entries(tmp_path / "moved" / "store") == before
+    # and the moved run still runs from its stored stages (nothing recomputed), re-registering its new place
+    cfg = compose([*TINY, f"run.root={tmp_path / 'moved'}", f"run.dir={tmp_path / 'moved' / 'run'}"])
+    logs: list[str] = []
+    run_pipeline(cfg, log=logs.append)
+    assert all("cached" in line for line in logs if line.startswith("[")), logs
+    ref = json.loads((tmp_path / "moved" / "run" / RUN_FILE).read_text())
+    assert ref["run"] == str((tmp_path / "moved" / "run").resolve())
+
+
+def test_a_deleted_run_releases_its_entries_but_a_dry_run_deletes_nothing(tmp_path):
+    keep = _run(tmp_path, "v1")
+    gone = _run(tmp_path, "v2", "method=lora_null_v2")
+    gone_init = (gone / "init").resolve()
+    shutil.rmtree(gone)
+    before = _entries(tmp_path / "store")
+    dry = _gc(tmp_path, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    line = next(li for li in dry.stdout.splitlines() if f"init/{gone_init.name}" in li)
+    assert line.startswith("would remove") and "MiB" in line, dry.stdout
+    assert _entries(tmp_path / "store") == before  # nothing deleted by a dry run
+    refused = _gc(tmp_path)  # not a terminal, no --yes: refuses in one line
+    assert refused.returncode != 0 and refused.stderr.count("lnull: error:") == 1 and "--yes" in refused.stderr
+    assert _entries(tmp_path / "store") == before
+    proc = _gc(tmp_path, "--yes")
+    assert proc.returncode == 0 and not gone_init.exists(), proc.stdout
+    assert (keep / "train" / "complete.json").exists() and (keep / "init" / "complete.json").exists()
+
+
+def test_a_copied_run_takes_its_own_id_and_both_keep_their_entries(tmp_path):
+    run = _run(tmp_path)
+    shutil.copytree(run, tmp_path / "copy", symlinks=True)
+    copy = _run(tmp_path, "copy", "method=lora_null_v2")  # the copy runs another method in its own folder
+    ids = {json.loads((p / RUN_FILE).read_text())["id"] for p in (run, copy)}
+    assert len(ids) == 2
+    assert _gc(tmp_path, "--yes").returncode == 0
+    for folder in (run, copy):
+        for stage in ("calibration", "init", "train"):
+            assert (folder / stage / "complete.json").exists(), (folder, stage)
+
+
+def test_gc_keeps_locked_and_young_entries_and_what_a_running_process_may_use(tmp_path):
+    run = _run(tmp_path)
+    store = Store(tmp_path / "store")
+    init_key = (run / "init").resolve().name
+    shutil.rmtree(run)  # nothing uses the entries now
+    with store.lock("init", init_key):  # a process computing or reading under the key's lock
+        remove, keep = store.gc_plan()
+    assert any(r["key"] == init_key and "lock" in r["why"] for r in keep)
+    assert all(r["key"] != init_key for r in remove)
+    time.sleep(1.1)
+    with store.session():  # a running lnull process: what was written before it started may go
+        (tmp_path / "store" / "train" / "young.partial").mkdir()  # written after it started: kept
+        remove, keep = store.gc_plan()
+    assert any(r["key"] == "young" and "running" in r["why"] for r in keep), keep
+    assert any(r["key"] == init_key for r in remove)
+    assert any(r["key"] == "young" for r in store.gc(dry_run=True))  # no process runs now: it may go
+
+
+def test_gc_while_a_run_is_training_leaves_it_to_finish_equal_to_an_undisturbed_one(tmp_path):
+    steps = ["train.max_steps=40", "train.checkpoint_every=0"]
+    undisturbed = _run(tmp_path / "a", "run", *steps)
+    root = tmp_path / "b"
+    args = [sys.executable, "-m", "lnull", "run", *TINY, *steps, f"run.root={root}", f"run.dir={root / 'run'}"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not list((root / "store" / "train").glob("*.partial")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, "training ended before gc could run: make it longer"
+    gc = _gc(root, "--yes")
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out + gc.stdout
+    assert "removed 0 of" in gc.stdout or "nothing to remove" in gc.stdout, gc.stdout
+    a = load_file(str(undisturbed / "train" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(root / "run" / "train" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
