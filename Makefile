@@ -27,7 +27,10 @@ help:
 	@echo "make list       every paper table and which rows are done; make audit: check the papers' derived columns"
 
 # torch first and pinned: a CPU wheel of 2.13.0 is on disk; any other spec pulls GBs of CUDA wheels.
+# eval=code isolates programs with bubblewrap + libseccomp (Debian packages): installed here when root, else said.
 $(STAMP): pyproject.toml
+	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq bubblewrap \
+		libseccomp2; } || echo "lnull: install bubblewrap and libseccomp2 (apt-get) for eval=code's sandbox"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
