@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, lnull
 from lnull.cli import compose
+from lnull.layout import RunLayout
 from lnull.pipeline import run_pipeline
 from lnull.runrefs import RUN_FILE
 from lnull.store import Store
@@ -110,19 +111,27 @@ def test_gc_keeps_locked_and_young_entries_and_what_a_running_process_may_use(tm
 
 
 def test_gc_while_a_run_is_training_leaves_it_to_finish_equal_to_an_undisturbed_one(tmp_path):
-    steps = ["train.max_steps=40", "train.checkpoint_every=0"]
-    undisturbed = _run(tmp_path / "a", "run", *steps)
+    """The run is held at the start of its training (this test holds the train key's lock, as a process training
+    the same key would), its calibration and init done; gc runs then; the run goes on and ends as one that gc never
+    met (before: its calibration and init were deleted and it died with "needs 'init' first")."""
+    undisturbed = _run(tmp_path / "a")
     root = tmp_path / "b"
-    args = [sys.executable, "-m", "lnull", "run", *TINY, *steps, f"run.root={root}", f"run.dir={root / 'run'}"]
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while not list((root / "store" / "train").glob("*.partial")) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert proc.poll() is None, "training ended before gc could run: make it longer"
-    gc = _gc(root, "--yes")
-    out = proc.communicate(timeout=600)[0]
+    cfg = compose([*TINY, f"run.root={root}", f"run.dir={root / 'run'}"])
+    args = [sys.executable, "-m", "lnull", "run", *TINY, f"run.root={root}", f"run.dir={root / 'run'}"]
+    store = Store(root / "store")
+    with store.lock("train", RunLayout(cfg).keys["train"]):
+        proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        for line in proc.stdout:  # until the run waits for the train key, its calibration and init complete
+            lines.append(line)
+            if line.startswith("[train] waiting for another process"):
+                break
+        assert proc.poll() is None, "".join(lines)
+        gc = _gc(root, "--yes")
+        assert gc.returncode == 0 and proc.poll() is None, gc.stdout + gc.stderr
+    out = "".join(lines) + proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, out + gc.stdout
-    assert "removed 0 of" in gc.stdout or "nothing to remove" in gc.stdout, gc.stdout
+    assert "nothing to remove" in gc.stdout, gc.stdout
     a = load_file(str(undisturbed / "train" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(root / "run" / "train" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

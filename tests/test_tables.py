@@ -211,6 +211,7 @@ def test_make_dry_run_of_every_target(target):
     assert subprocess.run(["make", "-n", "ext-table4"], cwd=REPO, capture_output=True, text=True).returncode == 0
 
 
+@pytest.mark.slow  # ~50 s: `lnull list` composes every row of every table (each spec composes in the default suite)
 def test_cli_audit_and_list(tmp_path):
     audit_out = lnull("table", "--audit", f"table.out_dir={tmp_path}", check=True)
     assert "aaai:3b pissa" in audit_out.stdout and (tmp_path / "audit.md").exists()
