@@ -87,20 +87,20 @@ def _store(cfg: dict[str, Any], sub: str | None, flags: tuple[str, ...] = ()) ->
             print(f"{row['folder']}/{row['key']}  {row['bytes'] / 2**20:9.1f} MiB  {runs}")
         print(f"{len(rows)} entries, {sum(r['bytes'] for r in rows) / 2**20:.1f} MiB in {store.root}")
         return
+    dry, confirmed = "--dry-run" in flags, "--yes" in flags
+    if not (dry or confirmed or sys.stdin.isatty()):
+        fail("lnull store gc deletes stored results: confirm with --yes (or list them with --dry-run)")
     remove, keep = store.gc_plan()
     for row in keep:
-        print(f"keep    {row['folder']}/{row['key']}  {row['bytes'] / 2**20:9.1f} MiB  ({row['why']})")
+        print(f"{'keep':<12} {row['folder']}/{row['key']}  {row['bytes'] / 2**20:9.1f} MiB  ({row['why']})")
     for row in remove:
-        print(f"{'would remove' if '--dry-run' in flags else 'remove':<7} {row['folder']}/{row['key']}  "
+        print(f"{'would remove' if dry or not confirmed else 'remove':<12} {row['folder']}/{row['key']}  "
               f"{row['bytes'] / 2**20:9.1f} MiB  ({row['why']})")
     total = f"{len(remove)} unused entries, {sum(r['bytes'] for r in remove) / 2**20:.1f} MiB, in {store.root}"
-    if "--dry-run" in flags or not remove:
-        print(f"{'nothing to remove' if not remove else 'would remove ' + total} (dry run)"
-              if "--dry-run" in flags else f"nothing to remove in {store.root}")
+    if dry or not remove:
+        print(f"would remove {total} (dry run)" if dry and remove else f"nothing to remove in {store.root}")
         return
-    if "--yes" not in flags:
-        if not sys.stdin.isatty():
-            fail("lnull store gc deletes stored results: confirm with --yes (or list them with --dry-run)")
+    if not confirmed:
         if input(f"remove {total}? [y/N] ").strip().lower() not in ("y", "yes"):
             print("nothing removed")
             return
