@@ -14,12 +14,15 @@ Memory (issue: the statistics of a 7-8B model do not fit one GPU beside it in fp
 - modules are split into groups whose device sums fit ``calibration.device_budget_gb`` (default
   :data:`DEFAULT_CUDA_BUDGET_GB` on CUDA, no limit on the CPU); each group is one pass over the windows that
   stops after its last module, and is written to its own ``stats-<i>-of-<n>.safetensors`` before the next starts,
-  so host memory holds one group's fp64 sums.
+  so host memory holds one group's fp64 sums;
+- no pass runs past the last targeted module (the last group's too, and the alias probe stops before the LM
+  head): the final norm and the LM head never run, so no logits are made (LLaMA-3-8B, 8 x 1024 tokens:
+  8 x 1024 x 128256 fp32 = 3.9 GiB per batch) and the budget needs no room for them.
 
 Arithmetic for LLaMA-3-8B (32 layers; unique inputs per layer: qkv 4096, o 4096, gate/up 4096, down 14336):
 sum d^2 = 3 x 4096^2 + 14336^2 = 2.56e8 per layer; two statistics -> 5.1e8 numbers per layer, i.e. 2.05 GB
 fp32 (4.1 GB fp64), 65.5 GB fp32 for the model: 3 groups of at most 24 GiB on the device, beside ~32 GB of
-fp32 weights (calibration.dtype) and < 2 GB of per-sample temporaries; host: one group's fp64 sums (<= 48 GiB).
+fp32 weights (calibration.dtype) and < 2 GB of per-sample temporaries (no logits); host: one group's fp64 sums (<= 48 GiB).
 """
 from __future__ import annotations
 
@@ -45,7 +48,22 @@ Windows = Union[torch.Tensor, list]  # [n, seqlen] token ids, or n 1-D tensors o
 
 
 class _StopForward(Exception):
-    """Raised by the last hooked module of a group: the rest of the forward is not needed."""
+    """Raised by the last hooked module of a group (and, in the probe, before the LM head): the rest of the
+    forward is not needed."""
+
+
+def _stop_before_head(model: torch.nn.Module, linears: dict[str, torch.nn.Linear]) -> Any:
+    """A forward pre-hook raising :class:`_StopForward` on the model's output embeddings (the LM head), unless
+    the head is itself targeted; its handle, or None. Nothing reads the logits (LLaMA-3-8B: 8 x 1024 x 128256
+    fp32 = 3.9 GiB per batch)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None or any(head is m for m in linears.values()):
+        return None
+
+    def stop(_module, _inputs):
+        raise _StopForward
+    return head.register_forward_pre_hook(stop)
 
 
 def batches_of(windows: Windows, batch_size: int) -> list[torch.Tensor]:
@@ -73,10 +91,13 @@ def probe_aliases(model: torch.nn.Module, linears: dict[str, torch.nn.Linear], i
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
+    guard = _stop_before_head(model, linears)
     try:
         model(input_ids=ids.to(next(model.parameters()).device), use_cache=False)
+    except _StopForward:
+        pass
     finally:
-        for h in handles:
+        for h in handles + ([guard] if guard is not None else []):
             h.remove()
     return alias
 
@@ -172,8 +193,9 @@ def collect_groups(model: torch.nn.Module, linears: dict[str, torch.nn.Linear], 
     groups = plan_groups(sizes, 8 if device.type == "cpu" else 4, budget_gb)
     for index, group in enumerate(groups):
         acc = Accumulators(device)
-        collector = GroupCollector({n: linears[n] for n in group}, acc,
-                                   group[-1] if index < len(groups) - 1 else None)
+        # Every pass, the last group's included, stops after its last unique input: the layers after it and
+        # the LM head never run (aliases are called after the input they share, so they need no hook).
+        collector = GroupCollector({n: linears[n] for n in group}, acc, group[-1])
         desc = "calibrate" if len(groups) == 1 else f"calibrate {index + 1}/{len(groups)}"
         try:
             for step, batch in enumerate(tqdm(batches, desc=desc, unit="batch", disable=not progress), 1):
