@@ -19,7 +19,7 @@ from lnull.errors import ConfigError
 from lnull.config import accumulation_steps, launch_processes
 from lnull.training import checkpoint
 from lnull.training.data import EXAMPLES_FILE, collate, load_examples, step_plan, total_steps
-from lnull.training.model import ResponseLoss, assert_frozen, load_trainable
+from lnull.training.model import ResponseLoss, assert_frozen, compute_autocast, load_trainable
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -114,7 +114,8 @@ def train_loop(cfg: dict[str, Any], out_dir: Path, init_dir: Path) -> dict[str, 
         for idx in micro_batches:
             batch = collate([examples[i] for i in idx], pad_id)
             with accelerator.accumulate(wrapped):
-                loss = wrapped(**{k: v.to(device, non_blocking=True) for k, v in batch.items()})
+                with compute_autocast(cfg["model"]["dtype"], info, device, accelerator.mixed_precision):
+                    loss = wrapped(**{k: v.to(device, non_blocking=True) for k, v in batch.items()})
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and tcfg["max_grad_norm"]:
                     accelerator.clip_grad_norm_(params, tcfg["max_grad_norm"])
@@ -142,7 +143,7 @@ def train_loop(cfg: dict[str, Any], out_dir: Path, init_dir: Path) -> dict[str, 
                             {**state, "seconds": state["seconds"] + time.perf_counter() - start})
     bar.close()
     seconds = state["seconds"] + time.perf_counter() - start
-    _save_result(accelerator, wrapped, info, init_dir, out_dir)
+    _save_result(accelerator, wrapped, info, init_dir, out_dir, cfg["model"]["dtype"])
     accelerator.end_training()
     log = [json.loads(l) for l in metrics.read_text().splitlines()] if metrics.exists() else []
     return {"steps": steps, "trainable_params": trainable, "processes": accelerator.num_processes,
@@ -159,13 +160,18 @@ def _pad_id(init_dir: Path) -> int:
     return load_tokenizer(str(init_dir / "base")).pad_token_id
 
 
-def _save_result(accelerator: Any, wrapped: Any, info: dict[str, Any], init_dir: Path, out_dir: Path) -> None:
+def _save_result(accelerator: Any, wrapped: Any, info: dict[str, Any], init_dir: Path, out_dir: Path,
+                 dtype: str = "float32") -> None:
     """Rank 0 writes ``adapter/`` (plain PEFT LoRA, a method's hooks baked in) or ``model/`` (no adapter).
-    Under ZeRO-3 the live parameters are shards: every rank joins the gather, rank 0 writes."""
+    Under ZeRO-3 the live parameters are shards: every rank joins the gather, rank 0 writes.
+
+    One dtype whatever the launcher: the adapter in fp32 (DeepSpeed bf16 holds the module in bf16, a single
+    process holds PEFT's fp32 LoRA weights), a full fine-tune in ``dtype`` (model.dtype; trained as fp32
+    master weights)."""
     import contextlib
 
     from lnull.methods import bake
-    from lnull.modeling import load_tokenizer
+    from lnull.modeling import DTYPES, load_tokenizer
 
     accelerator.wait_for_everyone()
     plugin = accelerator.state.deepspeed_plugin
@@ -175,8 +181,10 @@ def _save_result(accelerator: Any, wrapped: Any, info: dict[str, Any], init_dir:
     if not info["adapter"]:
         state = accelerator.get_state_dict(wrapped) if zero3 else None  # 16-bit gather, layer by layer
         if accelerator.is_main_process:
-            model.save_pretrained(target, state_dict={k.removeprefix("model."): v for k, v in state.items()}
-                                  if state is not None else None)
+            if state is None:
+                model.to(DTYPES[dtype])  # trained as fp32 master weights; saved in model.dtype
+            model.save_pretrained(target, state_dict={k.removeprefix("model."): _cast(v, DTYPES[dtype])
+                                                      for k, v in state.items()} if state is not None else None)
             load_tokenizer(str(init_dir / "base")).save_pretrained(target)
         return
     gather = contextlib.nullcontext()
@@ -190,4 +198,14 @@ def _save_result(accelerator: Any, wrapped: Any, info: dict[str, Any], init_dir:
             bake(model, init_dir / "adapter")  # a method's hooks folded into plain LoRA weights
             # the adapter belongs on the residual base (PEFT would otherwise record the original model)
             model.peft_config["default"].base_model_name_or_path = str((init_dir / "base").resolve())
-            model.save_pretrained(target)
+            model.save_pretrained(target, state_dict=_adapter_state_fp32(model))
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+
+def _adapter_state_fp32(model: Any) -> dict[str, Any]:
+    """The PEFT model's state dict with every adapter tensor (``lora_`` in its name: what PEFT saves) in fp32;
+    the base weights stay the live tensors (never copied: PEFT drops them)."""
+    return {k: _cast(v, torch.float32) if "lora_" in k else v for k, v in model.state_dict().items()}

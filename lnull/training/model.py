@@ -20,10 +20,13 @@ def load_trainable(init_dir: Path, dtype: str, attn_implementation: str = "sdpa"
     Adapter methods: ``init/base`` + ``init/adapter`` through PEFT, base weights frozen, and the adapter parts
     named in ``lnull_method.json`` (``frozen``, e.g. ``["lora_A"]`` for LoRA-Null v2 and LoRA-FA) frozen too;
     a method's hooks (``lnull.methods.attach``: OPLoRA's projections) are closures, never parameters. Without
-    an adapter (full fine-tuning) every weight trains.
+    an adapter (full fine-tuning) every weight trains, and is loaded in fp32 whatever ``dtype``: these are the
+    optimizer's master weights (at lr 2e-5 most AdamW updates to bf16 weights are below half an ulp and round
+    away); the loop computes in ``dtype`` under autocast (:func:`compute_autocast`) and saves in ``dtype``.
+    Adapter methods keep the frozen base in ``dtype`` (PEFT holds the LoRA weights in fp32).
     """
     info = json.loads((init_dir / METHOD_FILE).read_text())
-    model = load_model(str(init_dir / "base"), dtype, "cpu", attn_implementation)
+    model = load_model(str(init_dir / "base"), dtype if info["adapter"] else "float32", "cpu", attn_implementation)
     if not info["adapter"]:
         model.requires_grad_(True)
         return model, info
@@ -40,6 +43,19 @@ def load_trainable(init_dir: Path, dtype: str, attn_implementation: str = "sdpa"
         for param in matched:
             param.requires_grad_(False)
     return model, info
+
+
+def compute_autocast(dtype: str, info: dict[str, Any], device: torch.device, mixed_precision: str) -> Any:
+    """The context a training forward runs in: autocast to ``dtype`` (model.dtype) when full fine-tuning holds
+    fp32 master weights of a bf16/fp16 model and Accelerate does not autocast already (``mixed_precision``
+    "no"; on CPU always, where train.precision must be "no"); otherwise a no-op context."""
+    import contextlib
+
+    from lnull.modeling import DTYPES
+
+    if info["adapter"] or DTYPES[dtype] == torch.float32 or mixed_precision != "no":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[dtype])
 
 
 def assert_frozen(model: torch.nn.Module, info: dict[str, Any]) -> int:

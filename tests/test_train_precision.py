@@ -1,0 +1,133 @@
+"""Issue 24 (part 1): bf16 training on CPU. Full fine-tuning keeps fp32 master weights whatever model.dtype,
+every launcher saves the adapter in fp32, stages release accelerator memory, and a tokenizer without a pad
+token (LLaMA-2's) trains and generates."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+
+def _cfg(root: Path, *overrides: str) -> dict:
+    from lnull.cli import compose
+
+    return compose(["+experiment=tiny", f"run.dir={root}", "progress=false", "task.dataset=synthetic:arithmetic:16",
+                    "train.batch_size=8", "train.micro_batch_size=4", "train.checkpoint_every=0", *overrides])
+
+
+def _init(cfg: dict, init_dir: Path, calibration: Path | None = None) -> Path:
+    from lnull import initialize
+
+    init_dir.mkdir(parents=True)
+    initialize.build(cfg, init_dir, calibration)
+    return init_dir
+
+
+def _one_step(root: Path, dtype: str, monkeypatch) -> tuple[dict, dict]:
+    """(weights before, weights after) one AdamW step of full fine-tuning at lr 2e-5, as the loop holds them."""
+    import lnull.training.loop as loop
+    from lnull import train
+
+    cfg = _cfg(root, "method=full", f"model.dtype={dtype}", "train.max_steps=1", "train.lr=2e-5",
+               "train.warmup_ratio=0", "train.scheduler=constant", "train.max_grad_norm=null")
+    init_dir = _init(cfg, root / "init")
+    seen: dict[str, dict] = {}
+    real_load, real_save = loop.load_trainable, loop._save_result
+
+    def load(*args, **kwargs):
+        model, info = real_load(*args, **kwargs)
+        seen["before"] = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+        return model, info
+
+    def save(accelerator, wrapped, *args, **kwargs):
+        model = accelerator.unwrap_model(wrapped).model
+        seen["after"] = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+        return real_save(accelerator, wrapped, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "load_trainable", load)
+    monkeypatch.setattr(loop, "_save_result", save)
+    (root / "train").mkdir()
+    train.train_into(cfg, root / "train", init_dir)
+    monkeypatch.undo()
+    return seen["before"], seen["after"]
+
+
+def test_one_bf16_step_of_full_fine_tuning_moves_the_weights_an_fp32_step_moves(tmp_path, monkeypatch):
+    """At lr 2e-5 an update to a weight of ~0.02 is below half a bf16 ulp: AdamW on bf16 weights rounds most
+    updates away. With fp32 master weights (bf16 compute) the same weights move as in an fp32 step."""
+    changed = {}
+    for dtype in ("float32", "bfloat16"):
+        before, after = _one_step(tmp_path / dtype, dtype, monkeypatch)
+        changed[dtype] = {n: before[n] != after[n] for n in before}
+    reference = sum(int(m.sum()) for m in changed["float32"].values())
+    both = sum(int((changed["bfloat16"][n] & m).sum()) for n, m in changed["float32"].items())
+    fraction = both / reference
+    print(f"bf16 step changes {fraction:.4%} of the {reference} weights an fp32 step changes")
+    assert reference > 0.5 * sum(m.numel() for m in changed["float32"].values())
+    assert fraction >= 0.99
+    saved = load_file(str(tmp_path / "bfloat16" / "train" / "model" / "model.safetensors"))
+    assert {v.dtype for v in saved.values()} == {torch.bfloat16}  # saved in model.dtype, as before
+
+
+def test_a_bf16_adapter_is_saved_in_fp32(tmp_path):
+    """DeepSpeed bf16 holds the whole module, LoRA weights included, in bf16: the saving code casts to fp32
+    (today's single process already holds PEFT's fp32 LoRA weights; both launchers now save one dtype)."""
+    from types import SimpleNamespace
+
+    from peft import PeftModel
+
+    from lnull.modeling import load_model
+    from lnull.training.loop import _save_result
+    from lnull.training.model import ResponseLoss
+
+    cfg = _cfg(tmp_path, "method=lora")
+    init_dir = _init(cfg, tmp_path / "init")
+    model = PeftModel.from_pretrained(load_model(str(init_dir / "base")), str(init_dir / "adapter"),
+                                      is_trainable=True).to(torch.bfloat16)  # as DeepSpeed's bf16 engine holds it
+    accelerator = SimpleNamespace(wait_for_everyone=lambda: None, state=SimpleNamespace(deepspeed_plugin=None),
+                                  unwrap_model=lambda m: m, is_main_process=True)
+    _save_result(accelerator, ResponseLoss(model), {"adapter": True}, init_dir, tmp_path / "out", "bfloat16")
+    saved = load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
+    initial = load_file(str(init_dir / "adapter" / "adapter_model.safetensors"))
+    assert saved.keys() == initial.keys() and {v.dtype for v in saved.values()} == {torch.float32}
+    for name, value in saved.items():
+        assert torch.equal(value, initial[name].to(torch.bfloat16).float()), name
+
+
+def _adapter(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter" / "adapter_model.safetensors"))
+
+
+def test_single_process_and_zero2_save_the_same_fp32_adapter(tmp_path, monkeypatch):
+    """The same config gives the same adapter (dtype and values) whichever launcher trains it; a bf16 single
+    process (no DeepSpeed, which refuses bf16 on CPU) saves fp32 too.
+
+    Tolerance: both runs see the same examples and the same mean-of-micro-batch-means gradient; a single
+    process accumulates the two micro-batches' halves in place, ZeRO-2 all-reduces them across the two ranks.
+    A sum of two fp32 terms does not depend on their order and halving is exact, so the adapters come out
+    bitwise equal (observed: max |diff| 0); the clipping norm, which DeepSpeed sums per partition, may differ
+    in the last ulp, so 1e-6 absolute is allowed (updates here reach ~6e-3, 3 steps at lr 3e-3)."""
+    from lnull import train
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    common = ("method=lora", "train.max_steps=3", "train.lr=3e-3")
+    init_dir = _init(_cfg(tmp_path, *common), tmp_path / "init")
+    runs = {}
+    for name, extra in (("single", ()), ("zero2", ("accelerate=cpu_zero2",)),
+                        ("single-bf16", ("model.dtype=bfloat16",))):
+        out = tmp_path / name
+        out.mkdir()
+        summary = train.train_into(_cfg(tmp_path, *common, *extra), out, init_dir)
+        runs[name] = _adapter(out)
+        assert {v.dtype for v in runs[name].values()} == {torch.float32}, name
+        if name == "zero2":
+            assert summary["distributed_type"] == "DEEPSPEED" and summary["processes"] == 2
+    initial = _adapter(init_dir)
+    diff = max(float((runs["single"][k] - runs["zero2"][k]).abs().max()) for k in initial)
+    moved = max(float((runs["single"][k] - initial[k]).abs().max()) for k in initial)
+    print(f"single vs ZeRO-2 adapter: max |diff| {diff:.3e} (updates up to {moved:.3e})")
+    assert moved > 1e-3
+    for name in initial:
+        assert torch.allclose(runs["single"][name], runs["zero2"][name], atol=1e-6, rtol=0), name
