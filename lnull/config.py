@@ -188,6 +188,14 @@ class MTBenchConfig:
 
 
 @dataclass
+class VllmConfig:
+    """The vLLM engine (``eval.engine=vllm``): ``gpu_memory_utilization`` is the share of the GPU's memory vLLM
+    may take (weights + KV cache); the engine is built only while this process holds no HF copy of the weights."""
+
+    gpu_memory_utilization: float = 0.9
+
+
+@dataclass
 class EvalConfig:
     """Which models and benchmarks to score; ``limit`` items per benchmark (None = all)."""
 
@@ -201,6 +209,7 @@ class EvalConfig:
     max_new_tokens: Optional[int] = None  # cap on every generated answer (demo scale); None = each protocol's
     code: CodeEvalConfig = field(default_factory=CodeEvalConfig)
     mtbench: MTBenchConfig = field(default_factory=MTBenchConfig)
+    vllm: VllmConfig = field(default_factory=VllmConfig)
 
 
 @dataclass
@@ -426,6 +435,9 @@ def check_values(cfg: DictConfig | LnullConfig) -> None:
     if cfg.scale.rank_divisor < 1 or cfg.scale.calib_divisor < 1:
         raise ConfigError(f"scale.rank_divisor and scale.calib_divisor must be >= 1, got {cfg.scale.rank_divisor}, "
                           f"{cfg.scale.calib_divisor}")
+    if not 0 < cfg.eval.vllm.gpu_memory_utilization <= 1:
+        raise ConfigError(f"eval.vllm.gpu_memory_utilization must be in (0, 1], got "
+                          f"{cfg.eval.vllm.gpu_memory_utilization}")
     if cfg.eval.max_new_tokens is not None and cfg.eval.max_new_tokens < 1:
         raise ConfigError(f"eval.max_new_tokens must be >= 1 or null, got {cfg.eval.max_new_tokens}")
     check_train_config(cfg)

@@ -196,6 +196,18 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def release_accelerator_memory() -> None:
+    """Hand the accelerator's cached memory back once the caller dropped its references to models (end of a
+    stage, before vLLM builds its engine): ``gc.collect()`` + ``torch.cuda.empty_cache()``. A cheap no-op
+    while CUDA was never initialised in this process (CPU runs)."""
+    if not torch.cuda.is_initialized():
+        return
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def load_model(path: str, dtype: str = "float32", device: str | torch.device = "cpu",
                attn_implementation: Optional[str] = None) -> Any:
     """Causal LM from ``path`` in ``dtype`` on ``device``, eval mode; ``attn_implementation`` None =

@@ -57,11 +57,14 @@ def _train_here(cfg: dict[str, Any], out_dir: Path, init_dir: Path) -> dict[str,
 
     from lnull.training.loop import train_loop
 
+    from lnull.modeling import release_accelerator_memory
+
     try:
         return train_loop(cfg, out_dir, init_dir)
     finally:  # Accelerate keeps process-wide singletons; the next run in this process starts clean
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+        release_accelerator_memory()  # the loop's model and optimizer are unreferenced now
 
 
 def _wandb_logged_in() -> bool:

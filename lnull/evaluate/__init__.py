@@ -21,7 +21,8 @@ from lnull.errors import ConfigError
 from lnull.evaluate.base import EvalContext
 from lnull.evaluate.registry import LM_EVAL_KINDS, RUN_MODELS, SCORER_VERSIONS, check_benchmark_inputs, scorer
 from lnull.io import atomic_write_json, stable_hash
-from lnull.modeling import load_model, load_tokenizer, model_fingerprint, pick_device, resolve_model
+from lnull.modeling import (load_model, load_tokenizer, model_fingerprint, pick_device, release_accelerator_memory,
+                            resolve_model)
 from lnull.records import ModelIdentity, ResultRecord, ScorerIdentity, lineage, record_digest, validate
 
 # Records whose value is a percentage of n independent items: their stderr is the binomial one.
@@ -148,6 +149,15 @@ def needs_weights(benches: list[dict[str, Any]], ev: dict[str, Any]) -> bool:
     return False
 
 
+def _release_vllm() -> None:
+    """Drop a kept vLLM engine, if vLLM generation ran in this process."""
+    import sys
+
+    engine = sys.modules.get("lnull.evaluate.vllm_engine")
+    if engine is not None:
+        engine.release_engine()
+
+
 def model_slug(which: str) -> str:
     """Folder-safe name of an evaluated model (``base``, or a path/hub name flattened)."""
     return which if which in RUN_MODELS else re.sub(r"[^A-Za-z0-9_.-]+", "_", which).strip("_")
@@ -208,17 +218,25 @@ def run(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
         _, markers, base_model = scored_model(layout, which)
         identity = lineage(markers, base_model)
         keys = expected_records(layout, which)
-        pending = [n for n in benchmarks if store.read_record(keys[n]) is None]
         loaded = None
-        for name, bench in benchmarks.items():
-            key = keys[name]
+        # benchmarks scored in this process first, then those whose engine loads the weights itself (vLLM,
+        # bigcode): the HF copy is freed before them, and a vLLM engine before an HF copy loads
+        order = sorted(benchmarks, key=lambda n: not needs_weights([benchmarks[n]], cfg["eval"]))
+        by_name: dict[str, dict[str, Any]] = {}
+        for name in order:
+            bench, key = benchmarks[name], keys[name]
             with store.lock("eval", key, log):
                 stored, why = store.inspect_record(key)
                 if stored is None:
                     if store.record(key).exists():
                         log(f"[evaluate] {why}; re-scoring it")
-                    if loaded is None:
-                        weights = needs_weights([benchmarks[n] for n in pending], cfg["eval"])
+                    weights = needs_weights([bench], cfg["eval"])
+                    if loaded is not None and loaded[0] is not None and not weights:
+                        loaded = ectx = None  # drop the HF copy before an engine that loads the weights itself
+                        release_accelerator_memory()
+                    if loaded is None or (weights and loaded[0] is None):
+                        if weights:
+                            _release_vllm()
                         loaded = load_for_eval(cfg, layout, which, device, weights)
                     base, adapter, ident = loaded[2]
                     work = store.record_work(key)
@@ -231,11 +249,15 @@ def run(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
                 else:
                     counts["reused"] += 1
                     log(f"[evaluate] {which}/{name}: stored record reused ({key})")
-            records.append(validate(stored, str(store.record(key))).to_dict())
+            by_name[name] = validate(stored, str(store.record(key))).to_dict()
             link = ctx.out / model_slug(which) / f"{name}.json"
             link.parent.mkdir(parents=True, exist_ok=True)
             link.unlink(missing_ok=True)
             os.symlink(os.path.relpath(store.record(key), link.parent), link)
+        records.extend(by_name[n] for n in benchmarks)
+        loaded = ectx = None  # this model's weights are done with: freed before the next model loads
+        release_accelerator_memory()
+    _release_vllm()
     atomic_write_json(ctx.out / "results.json", {"run": str(layout.dir), "experiment": cfg["experiment"],
                                                  "results": records,
                                                  "sha256": {r["key"]: record_digest(r) for r in records}})

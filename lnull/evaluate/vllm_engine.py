@@ -13,7 +13,8 @@ Prompts go in as token ids (tokenised with ``ctx.tokenizer`` without special tok
 ``model.add_bos``), so BOS handling is explicit and identical to the HF engine.  Each prompt gets its own
 ``SamplingParams`` (seed = ``seed + index``: reproducible whatever vLLM's scheduling; ``max_tokens``
 capped by ``max_length`` minus the prompt length when given).  One ``vllm.LLM`` is kept (GPU memory):
-a request for another base replaces it.
+a request for another base replaces it; it takes ``eval.vllm.gpu_memory_utilization`` of the GPU, and the
+evaluate stage never holds an HF copy of the weights while it is built (:func:`release_engine` drops it).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from typing import Any, Optional, Sequence
 
 from lnull.errors import ConfigError
 from lnull.evaluate.generate import cut_at_stop
+from lnull.modeling import release_accelerator_memory
 
 _ENGINE: dict[str, Any] = {}  # {"key": (base, dtype, max_lora_rank), "llm": vllm.LLM}
 _LORA_IDS: dict[str, int] = {}  # adapter path -> vLLM's globally unique lora_int_id (1, 2, ...)
@@ -56,10 +58,19 @@ def _llm(ctx: Any, base: str, lora_rank: int) -> Any:
         _ENGINE.clear()  # drop the previous engine before allocating the next one's KV cache
         kwargs: dict[str, Any] = {"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": 1} \
             if max_lora_rank else {}
+        release_accelerator_memory()  # the previous engine's memory, before the next one sizes its KV cache
         _ENGINE["llm"] = vllm.LLM(model=base, tokenizer=base, dtype=ctx.cfg["model"]["dtype"],
-                                  seed=ctx.eval_cfg["seed"], **kwargs)
+                                  seed=ctx.eval_cfg["seed"],
+                                  gpu_memory_utilization=ctx.eval_cfg["vllm"]["gpu_memory_utilization"], **kwargs)
         _ENGINE["key"] = key
     return _ENGINE["llm"]
+
+
+def release_engine() -> None:
+    """Drop the kept engine (before an HF copy of the weights loads, and when the evaluate stage ends)."""
+    if _ENGINE:
+        _ENGINE.clear()
+        release_accelerator_memory()
 
 
 def generate_vllm(ctx: Any, prompts: list[str], max_new_tokens: int, stop: Sequence[str] = (),
