@@ -212,3 +212,51 @@ def test_vllm_gets_its_memory_share_and_is_built_while_no_hf_copy_is_held(tmp_pa
     assert vllm_engine._ENGINE == {}  # the stage ends without holding an engine
     gc.collect()
     assert all(r() is None for r in hf_models)  # nor the HF model
+
+
+def test_a_tokenizer_without_a_pad_token_trains_generates_and_scores(tmp_path):
+    """LLaMA-2's tokenizer has no pad token: the tiny model with its pad token removed trains (2 steps),
+    generates (batched = one by one, so the padding is masked) and answers an lm-eval loglikelihood request."""
+    import math
+    import shutil
+
+    from lm_eval.api.instance import Instance
+    from transformers import AutoTokenizer
+
+    from lnull.cli import compose
+    from lnull.evaluate import load_for_eval
+    from lnull.evaluate.generate import generate
+    from lnull.evaluate.harness import _explicit_bos_lm
+    from lnull.layout import RunLayout
+    from lnull.modeling import load_tokenizer, resolve_model
+    from lnull.pipeline import run_pipeline
+
+    folder = tmp_path / "no-pad"
+    shutil.copytree(resolve_model("lnull:tiny"), folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.pad_token = None
+    tok.save_pretrained(folder)
+    config = (folder / "config.json").read_text().replace('"pad_token_id": 2', '"pad_token_id": null')
+    assert '"pad_token_id": null' in config
+    (folder / "config.json").write_text(config)
+    assert AutoTokenizer.from_pretrained(folder).pad_token is None
+    loaded = load_tokenizer(str(folder))
+    assert loaded.pad_token_id == loaded.eos_token_id
+
+    cfg = compose(["+experiment=tiny", f"run.dir={tmp_path / 'run'}", "progress=false", f"model.name_or_path={folder}",
+                   "method=lora", "task.dataset=synthetic:arithmetic:16", "train.batch_size=8",
+                   "train.micro_batch_size=4", "train.max_steps=2"])
+    run_pipeline(cfg, stages=["init", "train"], log=lambda m: None)
+    layout = RunLayout(cfg)
+    assert len((layout.view("train") / "metrics.jsonl").read_text().splitlines()) == 2
+    model, tokenizer, _ = load_for_eval(cfg, layout, "trained", "cpu")
+    prompts = ["Q: What is 2 plus 3?\nA:", "Q: 7?\nA:", "Hello"]  # different lengths: left padding with EOS
+    batched = generate(model, tokenizer, prompts, max_new_tokens=4, batch_size=3, progress=False)
+    single = [generate(model, tokenizer, [p], max_new_tokens=4, batch_size=1, progress=False)[0] for p in prompts]
+    assert batched == single and len(batched) == 3
+
+    lm = _explicit_bos_lm(model, tokenizer, 2, True)
+    requests = [Instance(request_type="loglikelihood", doc={}, arguments=(context, " 5"), idx=0)
+                for context in ("Q: What is 2 plus 3?\nA:", "2+3=")]
+    scores = lm.loglikelihood(requests)
+    assert len(scores) == 2 and all(math.isfinite(ll) and ll < 0 for ll, _ in scores)
