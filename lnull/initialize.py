@@ -19,7 +19,7 @@ from lnull.activations import CalibrationStats, has_statistics
 from lnull.errors import ConfigError
 from lnull.io import atomic_write_json
 from lnull.methods import METHOD_FILE, REGISTRY, LayerInit, layer_generator
-from lnull.methods.linalg import captured_energy
+from lnull.methods.linalg import captured_energy, release_shared, shared_decompositions
 from lnull.modeling import load_model, load_tokenizer, pick_device, resolve_model, target_linears
 
 
@@ -79,25 +79,19 @@ def build(cfg: dict[str, Any], out_dir: Path, calibration_dir: Optional[Path]) -
         extras_dir.mkdir(parents=True, exist_ok=True)
         method.write_extras(linears, options, extras_dir)
     inits = {}
-    for name, lin in tqdm(linears.items(), desc=f"init {method.name}", unit="layer", disable=not cfg["progress"]):
-        # The model stays on the CPU (it is saved from there); each layer's maths runs on `device`.
-        W0 = lin.weight.detach().to(device, torch.float32)
-        cov = stats.get(name, method.statistic).to(device) if stats is not None else None
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            res = method.init(W0, cov, rank, scale, options, layer_generator(getattr(options, "seed", 0), name))
-        to = (lambda t: t.half().float().cpu()) if official_fp16 else (lambda t: t.cpu())
-        res = LayerInit(A=to(res.A), B=to(res.B), residual=to(res.residual), diagnostics=res.diagnostics)
-        W0 = W0.cpu()
-        for w in caught:  # recorded with the module's name (the method function does not know it)
-            report.setdefault("warnings", []).append((f"{name}: {w.message}", w.category))
-        err = (res.residual + scale * res.B @ res.A - W0).norm() / W0.norm().clamp_min(1e-30)
-        entry = {"shape": list(W0.shape), "reconstruction_rel_err": float(err), **res.diagnostics}
-        if stats is not None:  # share of the calibration activations' energy in the row space of A
-            entry["energy"] = captured_energy(res.A, stats.get(name, "covariance"))
-        report["modules"][name] = entry
-        lin.weight.data.copy_(res.residual.to(lin.weight.dtype))
-        inits[name] = (res.A, res.B)  # the residual now lives in the model; keeping it would double memory
+    # One decomposition per unique input (q/k/v, gate/up share one): the modules sharing an input get its
+    # statistic as one device tensor, whose eigh / damped inverse `shared_decompositions` computes once.
+    shared: tuple[Optional[str], Optional[torch.Tensor]] = (None, None)
+    with shared_decompositions():
+        for name, lin in tqdm(linears.items(), desc=f"init {method.name}", unit="layer",
+                              disable=not cfg["progress"]):
+            if stats is not None and shared[0] != stats.alias[name]:
+                shared = (None, None)  # free the previous input's statistic and decompositions first
+                release_shared()
+                shared = (stats.alias[name], stats.get(name, method.statistic).to(device))
+            _init_layer(method, name, lin, shared[1], stats, rank, scale, options, device, official_fp16,
+                        report, inits)
+    del shared
     model.save_pretrained(out_dir / "base")
     tokenizer.save_pretrained(out_dir / "base")
     if report.get("warnings"):  # one warning for the stage: the first module's, and how many more
@@ -126,3 +120,26 @@ def build(cfg: dict[str, Any], out_dir: Path, calibration_dir: Optional[Path]) -
             report[f"{pick.__name__}_{key}"] = pick(values)
     atomic_write_json(out_dir / "report.json", report)
     return {**info, "modules": len(inits), "max_reconstruction_rel_err": report["max_reconstruction_rel_err"]}
+
+
+def _init_layer(method: Any, name: str, lin: torch.nn.Linear, cov: Optional[torch.Tensor], stats: Any, rank: int,
+                scale: float, options: Any, device: torch.device, official_fp16: bool, report: dict[str, Any],
+                inits: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Initialise one layer: its residual into ``lin``, (A, B) into ``inits``, its entry into ``report``."""
+    # The model stays on the CPU (it is saved from there); each layer's maths runs on `device`.
+    W0 = lin.weight.detach().to(device, torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = method.init(W0, cov, rank, scale, options, layer_generator(getattr(options, "seed", 0), name))
+    to = (lambda t: t.half().float().cpu()) if official_fp16 else (lambda t: t.cpu())
+    res = LayerInit(A=to(res.A), B=to(res.B), residual=to(res.residual), diagnostics=res.diagnostics)
+    W0 = W0.cpu()
+    for w in caught:  # recorded with the module's name (the method function does not know it)
+        report.setdefault("warnings", []).append((f"{name}: {w.message}", w.category))
+    err = (res.residual + scale * res.B @ res.A - W0).norm() / W0.norm().clamp_min(1e-30)
+    entry = {"shape": list(W0.shape), "reconstruction_rel_err": float(err), **res.diagnostics}
+    if stats is not None:  # share of the calibration activations' energy in the row space of A
+        entry["energy"] = captured_energy(res.A, stats.get(name, "covariance"))
+    report["modules"][name] = entry
+    lin.weight.data.copy_(res.residual.to(lin.weight.dtype))
+    inits[name] = (res.A, res.B)  # the residual now lives in the model; keeping it would double memory

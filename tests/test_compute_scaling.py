@@ -4,6 +4,7 @@ inverse), with statistics and adapters bit-identical to the full computation."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,81 @@ def test_calibration_stops_before_the_head_with_identical_statistics(budget, tin
     assert ours.keys() == full.keys() and len(ours) == 4 * meta["unique_inputs"]
     for key in ours:
         assert torch.equal(ours[key], full[key]), key  # bit-identical
+
+
+@pytest.fixture(scope="module")
+def tiny_calibration(tmp_path_factory):
+    from lnull.cli import compose
+
+    root = tmp_path_factory.mktemp("scaling")
+    (root / "calibration").mkdir()
+    calibrate.collect_into(compose(["+experiment=tiny", f"run.dir={root / 'run'}", "progress=false"]),
+                           root / "calibration")
+    return root
+
+
+@pytest.mark.parametrize("method", ["lora_null_v2", "corda_kpm"])
+def test_one_decomposition_per_unique_input_with_identical_adapters(method, tiny_calibration, tmp_path, monkeypatch):
+    import contextlib
+
+    from lnull import initialize
+    from lnull.cli import compose
+    from lnull.methods import corda, linalg
+
+    counts = {"eigh": 0, "inverse": 0}
+    eigh, inverse = linalg._eigh64, corda._damped_inverse
+
+    def count(kind, fn):
+        def wrapped(*args):
+            counts[kind] += 1
+            return fn(*args)
+        return wrapped
+
+    monkeypatch.setattr(linalg, "_eigh64", count("eigh", eigh))
+    monkeypatch.setattr(corda, "_damped_inverse", count("inverse", inverse))
+    cfg = compose(["+experiment=tiny", f"run.dir={tmp_path / 'run'}", "progress=false", f"method={method}"])
+    layers = 2  # the tiny model: 7 targeted modules, 4 unique inputs (qkv, o, gate/up, down) per layer
+
+    def build(name: str) -> dict[str, torch.Tensor]:
+        counts.update(eigh=0, inverse=0)
+        out = tmp_path / name
+        out.mkdir()
+        with warnings.catch_warnings():  # the tiny C's null space is degenerate (RankDeficientWarning)
+            warnings.simplefilter("ignore")
+            initialize.build(cfg, out, tiny_calibration / "calibration")
+        return {f"{part}/{k}": v for part in ("adapter", "base") for f in sorted((out / part).glob("*.safetensors"))
+                for k, v in load_file(str(f)).items()}
+
+    shared = build("shared")
+    kind = "eigh" if method.startswith("lora_null") else "inverse"
+    assert counts == {"eigh": 0, "inverse": 0, kind: 4 * layers}
+    with monkeypatch.context() as patch:  # the comparison run: no scope, one decomposition per module
+        patch.setattr(initialize, "shared_decompositions", contextlib.nullcontext)
+        separate = build("separate")
+    assert counts[kind] == 7 * layers
+    assert shared.keys() == separate.keys()
+    for key in shared:
+        assert torch.equal(shared[key], separate[key]), key  # bit-identical adapters and residual bases
+
+
+def test_memo_holds_one_input_and_nothing_outside_a_scope():
+    from lnull.methods import linalg
+
+    calls = []
+    C, D = torch.eye(3), torch.eye(3)
+
+    def compute(tag):
+        return lambda: calls.append(tag) or tag
+
+    linalg.memoised(C, "k", compute("C0"))
+    linalg.memoised(C, "k", compute("C1"))
+    assert calls == ["C0", "C1"]  # outside a scope nothing is kept
+    with linalg.shared_decompositions():
+        assert [linalg.memoised(t, "k", compute(n)) for t, n in ((C, "C"), (C, "C'"), (D, "D"), (C, "C2"))] \
+            == ["C", "C", "D", "C2"]  # the same object reuses; another input drops the previous one
+        C.mul_(2)  # modified in place: recomputed
+        assert linalg.memoised(C, "k", compute("C3")) == "C3"
+        assert linalg.memoised(C, "other", compute("C4")) == "C4"  # another decomposition of the same input
+        linalg.release_shared()
+        assert linalg.memoised(C, "k", compute("C5")) == "C5"
+    assert calls == ["C0", "C1", "C", "D", "C2", "C3", "C4", "C5"]

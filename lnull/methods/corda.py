@@ -21,7 +21,7 @@ import torch
 
 from lnull.config import MethodConfig
 from lnull.methods.base import LayerInit, Method, register
-from lnull.methods.linalg import factor, svd64
+from lnull.methods.linalg import factor, memoised, svd64
 
 INV_TOLERANCE = 0.05  # PEFT's bound on ||C_fix C_fix^-1 - I||_F
 PEFT_STATISTIC = "max_normalized_covariance"  # calibration's copy of PEFT's covariance
@@ -33,7 +33,12 @@ class CorDAConfig(MethodConfig):
 
 
 def damped_inverse(C: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(C_fix, C_fix^-1), both [d_in, d_in] fp64, with PEFT's doubling relative damping from ``damp``."""
+    """(C_fix, C_fix^-1), both [d_in, d_in] fp64, with PEFT's doubling relative damping from ``damp``;
+    memoised per input inside ``linalg.shared_decompositions`` (q/k/v, gate/up: one inverse)."""
+    return memoised(C, ("damped_inverse", float(damp)), lambda: _damped_inverse(C, damp))
+
+
+def _damped_inverse(C: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
     C = C.double()
     mean_diag = torch.diagonal(C).mean()
     if not torch.isfinite(C).all() or mean_diag <= 0:

@@ -1,5 +1,17 @@
-"""Small fp64 linear-algebra helpers shared by the SVD/eigen-based initialisations."""
+"""Small fp64 linear-algebra helpers shared by the SVD/eigen-based initialisations.
+
+Decompositions of a layer input's statistic (LoRA-Null's eigh, CorDA's damped inverse) go through
+:func:`memoised`: inside a :func:`shared_decompositions` scope (``lnull.initialize`` opens one per init), a
+decomposition of the very tensor object the previous call got is reused, so q/k/v (and gate/up), which share one
+input and one statistic tensor, are decomposed once: 4 decompositions per LLaMA layer, not 7. The scope holds
+one input's results at a time (dropped when another input arrives, or when the scope ends); outside a scope
+nothing is kept. The method functions stay pure: the same arguments give the same (bit-identical) result.
+"""
 from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Any, Callable, Hashable, Iterator, Optional, TypeVar
 
 import torch
 
@@ -20,9 +32,66 @@ def fix_signs(vectors: torch.Tensor) -> torch.Tensor:
     return vectors * sign
 
 
+T = TypeVar("T")
+
+
+class _Memo:
+    """Results computed from one input tensor, valid while it is that object, unmodified (its version)."""
+
+    def __init__(self) -> None:
+        self.input: Optional[torch.Tensor] = None  # held, so its id cannot be reused while cached
+        self.version = -1
+        self.results: dict[Hashable, Any] = {}
+
+    def get(self, C: torch.Tensor, key: Hashable, compute: Callable[[], T]) -> T:
+        if self.input is not C or self.version != C._version:
+            self.input, self.version, self.results = None, -1, {}  # drop the previous input's results first
+            result = compute()
+            self.input, self.version, self.results = C, C._version, {key: result}
+            return result
+        if key not in self.results:
+            self.results[key] = compute()
+        return self.results[key]
+
+
+_SCOPE: contextvars.ContextVar[Optional[_Memo]] = contextvars.ContextVar("lnull_shared_decompositions",
+                                                                         default=None)
+
+
+@contextlib.contextmanager
+def shared_decompositions() -> Iterator[None]:
+    """Scope in which :func:`memoised` decompositions of the same statistic tensor are computed once (module
+    docstring). The caller passes a shared input's statistic as one tensor object to every module reading it."""
+    token = _SCOPE.set(_Memo())
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
+
+
+def release_shared() -> None:
+    """Drop what the current :func:`shared_decompositions` scope holds (the caller is done with that input)."""
+    memo = _SCOPE.get()
+    if memo is not None:
+        memo.input, memo.version, memo.results = None, -1, {}
+
+
+def memoised(C: torch.Tensor, key: Hashable, compute: Callable[[], T]) -> T:
+    """``compute()``, a decomposition of ``C`` named by ``key`` (function and its other arguments), reused
+    inside a :func:`shared_decompositions` scope when asked again for the same ``C`` object; callers must not
+    modify the result in place."""
+    memo = _SCOPE.get()
+    return compute() if memo is None else memo.get(C, key, compute)
+
+
 def eigh64(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigen-decomposition of a symmetric C [n, n] in fp64: (eigenvalues [n] ascending, eigenvectors [n, n]
-    as columns, signs fixed by :func:`fix_signs`). C is symmetrised first (fp32 storage breaks symmetry)."""
+    as columns, signs fixed by :func:`fix_signs`). C is symmetrised first (fp32 storage breaks symmetry).
+    Memoised (:func:`memoised`) inside a :func:`shared_decompositions` scope."""
+    return memoised(C, "eigh64", lambda: _eigh64(C))
+
+
+def _eigh64(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     C = C.double()
     vals, vecs = torch.linalg.eigh((C + C.T) / 2)
     return vals, fix_signs(vecs)
