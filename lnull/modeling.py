@@ -219,11 +219,15 @@ def load_model(path: str, dtype: str = "float32", device: str | torch.device = "
 
 
 def load_tokenizer(path: str) -> Any:
+    """The tokenizer of ``path``; one without a pad token (LLaMA-2's) pads with EOS (or UNK when it has no EOS):
+    padded positions are always masked out (attention mask, IGNORE_INDEX labels), so the id only fills."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    if tok.pad_token_id is None:
+        raise ConfigError(f"the tokenizer of {path} has no pad, EOS or UNK token to pad batches with")
     return tok
 
 

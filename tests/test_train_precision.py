@@ -242,6 +242,12 @@ def test_a_tokenizer_without_a_pad_token_trains_generates_and_scores(tmp_path):
     assert AutoTokenizer.from_pretrained(folder).pad_token is None
     loaded = load_tokenizer(str(folder))
     assert loaded.pad_token_id == loaded.eos_token_id
+    tok.eos_token = None  # nothing to pad with: one line saying so
+    tok.save_pretrained(tmp_path / "no-pad-no-eos")
+    from lnull.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="has no pad, EOS or UNK token"):
+        load_tokenizer(str(tmp_path / "no-pad-no-eos"))
 
     cfg = compose(["+experiment=tiny", f"run.dir={tmp_path / 'run'}", "progress=false", f"model.name_or_path={folder}",
                    "method=lora", "task.dataset=synthetic:arithmetic:16", "train.batch_size=8",
@@ -260,3 +266,29 @@ def test_a_tokenizer_without_a_pad_token_trains_generates_and_scores(tmp_path):
                 for context in ("Q: What is 2 plus 3?\nA:", "2+3=")]
     scores = lm.loglikelihood(requests)
     assert len(scores) == 2 and all(math.isfinite(ll) and ll < 0 for ll, _ in scores)
+
+
+def test_the_train_stage_holds_no_model_when_it_ends(tmp_path, monkeypatch):
+    """In-process training drops every reference to the trained model and then releases accelerator memory
+    (gc + empty_cache on CUDA; checked here by the call and by the model being gone without a gc pass)."""
+    import weakref
+
+    import lnull.modeling as modeling
+    import lnull.training.loop as loop
+    from lnull import train
+
+    refs, released = [], []
+    real_load = loop.load_trainable
+
+    def load(*args, **kwargs):
+        model, info = real_load(*args, **kwargs)
+        refs.append(weakref.ref(model))
+        return model, info
+
+    monkeypatch.setattr(loop, "load_trainable", load)
+    monkeypatch.setattr(modeling, "release_accelerator_memory", lambda: released.append(len(refs)))
+    cfg = _cfg(tmp_path, "method=lora", "train.max_steps=2")
+    init_dir = _init(cfg, tmp_path / "init")
+    (tmp_path / "train").mkdir()
+    train.train_into(cfg, tmp_path / "train", init_dir)
+    assert released == [1] and len(refs) == 1 and refs[0]() is None
