@@ -137,4 +137,7 @@ def test_memo_holds_one_input_and_nothing_outside_a_scope():
         assert linalg.memoised(C, "other", compute("C4")) == "C4"  # another decomposition of the same input
         linalg.release_shared()
         assert linalg.memoised(C, "k", compute("C5")) == "C5"
-    assert calls == ["C0", "C1", "C", "D", "C2", "C3", "C4", "C5"]
+        with torch.inference_mode():
+            E = torch.eye(3)
+        assert [linalg.memoised(E, "k", compute(n)) for n in ("E0", "E1")] == ["E0", "E1"]  # no version: not kept
+    assert calls == ["C0", "C1", "C", "D", "C2", "C3", "C4", "C5", "E0", "E1"]

@@ -81,7 +81,9 @@ def memoised(C: torch.Tensor, key: Hashable, compute: Callable[[], T]) -> T:
     inside a :func:`shared_decompositions` scope when asked again for the same ``C`` object; callers must not
     modify the result in place."""
     memo = _SCOPE.get()
-    return compute() if memo is None else memo.get(C, key, compute)
+    if memo is None or C.is_inference():  # an inference tensor has no version counter to tell a modified C
+        return compute()
+    return memo.get(C, key, compute)
 
 
 def eigh64(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
