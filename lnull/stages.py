@@ -64,8 +64,12 @@ def _train_inputs(cfg: Config) -> dict[str, Any]:
     from lnull.data.sources import data_fingerprint
 
     task = cfg["task"]
+    # micro-batches > 1 average each example's token mean since the loss change (ResponseLoss): not the entries
+    # trained before with a pooled token mean; micro-batch 1 (the paper recipe) computes what it always did
+    pooled = {"loss": "per-example mean"} if cfg["train"]["micro_batch_size"] > 1 else {}
     return {"task": task, "data": data_fingerprint(task["dataset"], cfg.get("cache_dir")),
-            "train": _section(cfg, "train"), "accelerate": cfg.get("accelerate"), "add_bos": cfg["model"]["add_bos"]}
+            "train": _section(cfg, "train"), "accelerate": cfg.get("accelerate"), "add_bos": cfg["model"]["add_bos"],
+            **pooled}
 
 
 def _nothing(cfg: Config) -> dict[str, Any]:

@@ -143,19 +143,21 @@ def test_memo_holds_one_input_and_nothing_outside_a_scope():
     assert calls == ["C0", "C1", "C", "D", "C2", "C3", "C4", "C5", "E0", "E1"]
 
 
-def test_length_grouped_micro_batches_keep_the_micro_batch_one_gradient_with_a_per_example_mean():
-    """``step_plan(group_by_length)`` + right-padded ``collate``: micro-batches of 4 give micro-batch 1's step
-    gradient when the loss is the mean over examples of each one's mean response-token loss (padding changes
-    nothing); a loss pooling the micro-batch's tokens does not (training/data.py::step_plan)."""
+def test_length_grouped_micro_batches_give_the_micro_batch_one_loss_and_gradient():
+    """``step_plan(group_by_length)`` + right-padded ``collate`` + training's ``ResponseLoss``: micro-batches of 4
+    give micro-batch 1's loss and gradient per optimizer step (ResponseLoss averages each example's token mean;
+    a loss pooling the micro-batch's tokens, HF's, does not)."""
     import torch.nn.functional as F
 
     from lnull.data.prompts import IGNORE_INDEX
     from lnull.modeling import load_model, resolve_model
     from lnull.tiny import TINY_ID
     from lnull.training.data import collate, step_plan
+    from lnull.training.model import ResponseLoss
 
     model = load_model(resolve_model(TINY_ID))
     model.train()
+    response_loss = ResponseLoss(model)
     g = torch.Generator().manual_seed(1)
     examples = []
     for n in (5, 9, 14, 20, 27, 33, 40, 61):
@@ -165,26 +167,25 @@ def test_length_grouped_micro_batches_keep_the_micro_batch_one_gradient_with_a_p
         examples.append({"input_ids": ids, "labels": labels})
     lengths = [len(e["input_ids"]) for e in examples]
 
-    def loss(batch, per_example: bool) -> torch.Tensor:
+    def pooled(batch) -> torch.Tensor:
         hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
         targets = batch["labels"][:, 1:]
         keep = targets != IGNORE_INDEX
-        tokens = F.cross_entropy(model.get_output_embeddings()(hidden[:, :-1][keep]).float(), targets[keep],
-                                 reduction="none")
-        if not per_example:
-            return tokens.mean()
-        sums = torch.zeros(len(keep), dtype=tokens.dtype).index_add_(0, keep.nonzero()[:, 0], tokens)
-        return (sums / keep.sum(1)).mean()
+        return F.cross_entropy(model.get_output_embeddings()(hidden[:, :-1][keep]).float(), targets[keep])
 
-    def gradient(micro: int, per_example: bool) -> torch.Tensor:
+    def step(micro: int, loss_fn) -> tuple[float, torch.Tensor]:
         model.zero_grad()
         plan = step_plan(lengths, 0, {"batch_size": 8, "micro_batch_size": micro, "seed": 0, "group_by_length": True})
         assert sorted(i for idx in plan for i in idx) == list(range(8)) and {len(idx) for idx in plan} == {micro}
+        total = 0.0
         for idx in plan:  # as Accelerate's accumulation: each micro-batch's loss / micro-batches per step
-            (loss(collate([examples[i] for i in idx], 0), per_example) / len(plan)).backward()
-        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).double()
+            loss = loss_fn(**collate([examples[i] for i in idx], 0)) / len(plan)
+            loss.backward()
+            total += float(loss)
+        return total, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).double()
 
-    one = gradient(1, per_example=False)  # micro-batch 1: both losses are the example's token mean
+    loss_one, one = step(1, response_loss)
     rel = lambda g: float((g - one).norm() / one.norm())  # noqa: E731
-    assert rel(gradient(4, per_example=True)) < 1e-5
-    assert rel(gradient(4, per_example=False)) > 0.05
+    loss_four, four = step(4, response_loss)
+    assert loss_four == pytest.approx(loss_one, rel=1e-6) and rel(four) < 1e-5
+    assert rel(step(4, lambda **b: pooled(b))[1]) > 0.05  # HF's pooled token mean moves the gradient

@@ -115,7 +115,9 @@ def test_response_only_labels_on_a_hand_made_example(tiny_cfg):
     assert len(short["input_ids"]) == n_prompt + 2 and short["labels"][-2:] == short["input_ids"][-2:]
 
 
-def test_response_loss_equals_the_models_own_loss():
+def test_response_loss_is_the_mean_of_each_examples_own_loss():
+    """Each example's loss is the model's own (mean over its response tokens); a micro-batch's is their mean,
+    as micro-batch 1 accumulates them (not HF's token mean pooled over the batch)."""
     from lnull.modeling import load_model, resolve_model
     from lnull.training.model import ResponseLoss
 
@@ -126,8 +128,10 @@ def test_response_loss_equals_the_models_own_loss():
     labels[2, 15:] = IGNORE_INDEX
     mask = torch.ones_like(ids)
     mask[2, 15:] = 0
-    expected = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    assert torch.allclose(ResponseLoss(model)(ids, mask, labels), expected, atol=1e-5)
+    each = [model(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1], labels=labels[i:i + 1]).loss for i in range(3)]
+    assert torch.allclose(ResponseLoss(model)(ids, mask, labels), torch.stack(each).mean(), atol=1e-5)
+    assert not torch.allclose(ResponseLoss(model)(ids, mask, labels), model(input_ids=ids, attention_mask=mask,
+                                                                            labels=labels).loss, atol=1e-5)
 
 
 def test_step_plan_is_a_seeded_partition_of_each_epoch():

@@ -76,10 +76,13 @@ def assert_frozen(model: torch.nn.Module, info: dict[str, Any]) -> int:
 class ResponseLoss(torch.nn.Module):
     """Causal-LM loss on response tokens only, applying the LM head only at those positions.
 
-    Same value as ``model(**batch).loss`` (mean cross-entropy over positions whose next-token label is not
-    IGNORE_INDEX), but the [b, t, vocab] logits of prompt and padding positions are never computed: with a
-    49k-152k vocabulary the head is a large share of a small model's step.  Accelerate wraps this module, so
-    DDP/DeepSpeed see one forward.
+    The mean over the micro-batch's examples of each example's mean cross-entropy over its response tokens
+    (positions whose next-token label is not IGNORE_INDEX). With one example this is ``model(**batch).loss``;
+    with several it is *not* HF's pooled token mean, so that length-grouped micro-batches of any size give the
+    paper recipe's micro-batch-1 loss and gradient per optimizer step (equal-sized micro-batches; Accelerate
+    divides by the accumulation steps). The [b, t, vocab] logits of prompt and padding positions are never
+    computed: with a 49k-152k vocabulary the head is a large share of a small model's step.  Accelerate wraps
+    this module, so DDP/DeepSpeed see one forward.
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -96,4 +99,7 @@ class ResponseLoss(torch.nn.Module):
         cap = getattr(lm.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
-        return F.cross_entropy(logits, targets[keep])
+        tokens = F.cross_entropy(logits, targets[keep], reduction="none")  # [n_response_tokens]
+        per_example = torch.zeros(keep.shape[0], dtype=tokens.dtype, device=tokens.device)
+        per_example = per_example.index_add(0, keep.nonzero()[:, 0], tokens) / keep.sum(1)
+        return per_example.mean()
