@@ -104,7 +104,7 @@ def _store(cfg: dict[str, Any], sub: str | None, flags: tuple[str, ...] = ()) ->
         if input(f"remove {total}? [y/N] ").strip().lower() not in ("y", "yes"):
             print("nothing removed")
             return
-    removed = store.gc()
+    removed = store.gc(confirmed=remove)  # what was listed and agreed to, never more
     print(f"removed {len(removed)} of {total}")
 
 

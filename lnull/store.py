@@ -224,6 +224,14 @@ class Store:
     def _record_files(self, key: str) -> list[Path]:
         return [self.record(key), self.record_digest(key), self.record_work(key)]
 
+    def _files(self, folder: str, key: str, path: Path) -> list[Path]:
+        """What deleting an entry (or a partial / work folder at ``path``) removes; a record takes its digest and
+        its scorer's work folder with it."""
+        return self._record_files(key) if folder == RECORDS else [path]
+
+    def _bytes(self, folder: str, key: str, path: Path) -> int:
+        return sum(tree_size(f) for f in self._files(folder, key, path) if f.exists())
+
     def ls(self) -> list[dict[str, Any]]:
         """One row per entry: folder, key, bytes, the runs using it."""
         if not self.root.exists():
@@ -231,8 +239,7 @@ class Store:
         used = self.users()
         rows = []
         for folder, key, path in self.entries():
-            files = self._record_files(key) if folder == RECORDS else [path]
-            rows.append({"folder": folder, "key": key, "bytes": sum(tree_size(f) for f in files if f.exists()),
+            rows.append({"folder": folder, "key": key, "bytes": self._bytes(folder, key, path),
                          "runs": sorted(used.get((folder, key), []))})
         return rows
 
@@ -261,9 +268,7 @@ class Store:
                 candidates.append((RECORDS, work.stem, work))
         remove, keep = [], []
         for folder, key, path in candidates:
-            files = self._record_files(key) if folder == RECORDS else [path]
-            row = {"path": str(path), "folder": folder, "key": key,
-                   "bytes": sum(tree_size(f) for f in files if f.exists())}
+            row = {"path": str(path), "folder": folder, "key": key, "bytes": self._bytes(folder, key, path)}
             written = max((f.stat().st_mtime for f in (path / MARKER, path) if f.exists()), default=0.0)
             if self._busy(folder, key):
                 keep.append({**row, "why": "its lock is held by a running process"})
@@ -273,10 +278,16 @@ class Store:
                 remove.append({**row, "why": "no run uses it"})
         return remove, keep
 
-    def gc(self, dry_run: bool = False, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-        """Delete what :meth:`gc_plan` says no run uses (nothing with ``dry_run``); return the rows removed. Each
+    def gc(self, dry_run: bool = False, log: Callable[[str], None] = print,
+           confirmed: Optional[list[dict[str, Any]]] = None) -> list[dict[str, Any]]:
+        """Delete what :meth:`gc_plan` says no run uses (nothing with ``dry_run``); return the rows removed.
+        ``confirmed``: the rows of an earlier plan a user agreed to: only those are deleted, and only if a fresh
+        plan still removes them (a run that started using one while the user read the list keeps it). Each
         deletion re-checks under the key's lock, without waiting: a key taken meanwhile is kept."""
         remove, _ = self.gc_plan()
+        if confirmed is not None:
+            agreed = {row["path"] for row in confirmed}
+            remove = [row for row in remove if row["path"] in agreed]
         if dry_run:
             return remove
         removed = []
@@ -286,7 +297,7 @@ class Store:
                 if not taken:
                     log(f"[gc] kept {folder}/{key}: a process took it meanwhile")
                     continue
-                for item in (self._record_files(key) if folder == RECORDS else [path]):
+                for item in self._files(folder, key, path):
                     if item.is_dir():
                         shutil.rmtree(item, ignore_errors=True)
                     else:

@@ -135,3 +135,14 @@ def test_gc_while_a_run_is_training_leaves_it_to_finish_equal_to_an_undisturbed_
     a = load_file(str(undisturbed / "train" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(root / "run" / "train" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gc_deletes_only_the_listed_entries_a_user_confirmed(tmp_path):
+    run = _run(tmp_path)
+    shutil.rmtree(run)
+    store = Store(tmp_path / "store")
+    listed, _ = store.gc_plan()
+    later = tmp_path / "store" / "train" / "later.partial"  # unused too, but appeared after the list was shown
+    later.mkdir()
+    removed = store.gc(confirmed=listed)
+    assert {r["path"] for r in removed} == {r["path"] for r in listed} and later.exists()
