@@ -142,6 +142,14 @@ def error_line(exc: BaseException, cfg: Any = None) -> str | None:
     return f"{'cannot write: ' if exc.errno in WRITE_ERRNOS else ''}{reason}{where}"
 
 
+def fail_on_user_error(exc: BaseException, cfg: Any = None) -> None:
+    """Exit with :func:`error_line`'s one line for a user's error; re-raise a bug (its traceback helps)."""
+    line = error_line(exc, cfg)
+    if line is None:
+        raise exc
+    fail(line)
+
+
 def _task(command: str, sub: str | None, flags: tuple[str, ...] = ()) -> Callable:
     def task(cfg) -> None:
         from lnull.compose import validate
@@ -151,10 +159,7 @@ def _task(command: str, sub: str | None, flags: tuple[str, ...] = ()) -> Callabl
             validate(cfg)
             dispatch(command, to_container(cfg), sub, flags)
         except Exception as exc:  # noqa: BLE001 (a bug is re-raised: Hydra prints its traceback)
-            line = error_line(exc, cfg)
-            if line is None:
-                raise
-            fail(line)
+            fail_on_user_error(exc, cfg)
     return task
 
 
@@ -175,10 +180,7 @@ def _run_from(command: str, overrides: list[str]) -> None:
         cfg = compose_from_file(folder / "config.yaml", [*rest, f"run.dir={folder.resolve()}"])
         dispatch(command, cfg, from_file=True)
     except Exception as exc:  # noqa: BLE001 - one line for a user's error; a bug keeps its traceback
-        line = error_line(exc, cfg)
-        if line is None:
-            raise
-        fail(line)
+        fail_on_user_error(exc, cfg)
 
 
 def _check_overrides(args: list[str]) -> None:

@@ -229,8 +229,7 @@ def compose_from_file(path: Path, overrides: Optional[list[str]] = None) -> dict
             schema.accelerate = OmegaConf.structured(AccelerateConfig)
         cfg = OmegaConf.merge(schema, data)
     except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None)
-        raise ConfigError(f"{path}: {key + ': ' if key else ''}{str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"{path}: {explain(exc)}") from None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path} cannot be read as a config: {str(exc).splitlines()[0]}") from None
     validate(cfg)
