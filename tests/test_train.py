@@ -236,7 +236,7 @@ def test_frozen_part_that_would_get_gradients_fails_before_training(calibrated, 
 
 
 def test_dotted_fields_read_sharegpt_records():
-    from lnull.training.data import field_value
+    from lnull.data.sources import field_value
 
     row = {"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]}
     assert field_value(row, "conversations.0.value") == "Q?"

@@ -36,6 +36,11 @@ JSON_TYPES = {type(None): "null", bool: "true/false", list: "a list", dict: "an 
               float: "a number", str: "a string"}
 
 
+def _json_type(value: Any) -> str:
+    """What a JSON value is, in a user's words (``null``, ``a list``, ...)."""
+    return JSON_TYPES.get(type(value), type(value).__name__)
+
+
 def _jsonl_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, record) of every non-blank line; ConfigError naming the file and the line for bytes that
     are not UTF-8, a line that is not JSON, or a JSON value that is not an object."""
@@ -54,7 +59,7 @@ def _jsonl_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"{path} line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
             if not isinstance(row, dict):
-                raise ConfigError(f"{path} line {number}: {JSON_TYPES.get(type(row), type(row).__name__)}, "
+                raise ConfigError(f"{path} line {number}: {_json_type(row)}, "
                                   "not a JSON object (one {...} record per line)")
             rows.append((number, row))
     return rows
@@ -74,10 +79,10 @@ def _json_rows(path: Path) -> list[dict[str, Any]]:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(rows, list):
-        raise ConfigError(f"{path}: {JSON_TYPES.get(type(rows), type(rows).__name__)}, not a list of records")
+        raise ConfigError(f"{path}: {_json_type(rows)}, not a list of records")
     for index, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise ConfigError(f"{path} record {index}: {JSON_TYPES.get(type(row), type(row).__name__)}, "
+            raise ConfigError(f"{path} record {index}: {_json_type(row)}, "
                               "not a JSON object")
     return rows
 
@@ -108,7 +113,7 @@ def field_text(record: dict[str, Any], path: str, where: str, key: str = "") -> 
             from None
     if isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
         return str(value)
-    raise ConfigError(f"{where}: field '{path}' is {JSON_TYPES.get(type(value), type(value).__name__)}, not a "
+    raise ConfigError(f"{where}: field '{path}' is {_json_type(value)}, not a "
                       f"string{hint}")
 
 
@@ -171,7 +176,7 @@ def load_records(spec: str, cache_dir: Optional[str] = None, limit: Optional[int
         else:
             where = f"dataset '{spec}' record {index}"
         if not isinstance(row, dict):
-            raise ConfigError(f"{where}: {JSON_TYPES.get(type(row), type(row).__name__)}, not a record")
+            raise ConfigError(f"{where}: {_json_type(row)}, not a record")
         for key, path_ in fields.items():
             field_text(row, path_, where, key)
     return rows

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from lnull.errors import ConfigError
 from lnull.data.prompts import IGNORE_INDEX, encode_example
-from lnull.data.sources import field_text, field_value, load_records, task_fields  # noqa: F401 (field_value: API)
+from lnull.data.sources import field_text, load_records, task_fields
 
 EXAMPLES_FILE = "examples.safetensors"
 
@@ -76,11 +76,10 @@ def step_plan(lengths: list[int], step: int, tcfg: dict[str, Any]) -> list[list[
     Step ``s`` takes examples ``[s*B, (s+1)*B)`` of a seeded permutation (a fresh one every epoch), so the
     plan is a pure function of the step and a resumed run sees exactly the batches it would have seen.
     ``group_by_length`` sorts the step's examples by length before cutting micro-batches (less padding,
-    same examples per step). Micro-batches all hold ``micro_batch_size`` examples, but the step's loss is only
-    the micro-batch-1 loss (mean over the step's examples of each example's mean response-token loss) when the
-    loss averages per example; a loss pooling the micro-batch's tokens (token mean) weighs long examples more
-    when ``micro_batch_size > 1`` (tiny model, 8 examples of 5-61 tokens in micro-batches of 4: gradient 39%
-    away from micro-batch 1's; per-example mean: 2.6e-7, tests/test_compute_scaling.py).
+    same examples per step). Micro-batches all hold ``micro_batch_size`` examples, so with training's
+    ``ResponseLoss`` (the mean of each example's response-token mean) the step's loss and gradient are
+    micro-batch 1's whatever ``micro_batch_size`` (a loss pooling the micro-batch's tokens would weigh long
+    examples more: tests/test_compute_scaling.py).
     """
     n, batch, micro = len(lengths), tcfg["batch_size"], tcfg["micro_batch_size"]
     picked = []
