@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -340,43 +340,39 @@ def unknown_key(key: str, known: list[str]) -> str:
     return f"unknown key '{key}' ({'keys of ' + parent if parent else 'top-level keys'}: {', '.join(known)})"
 
 
-def check_known_keys(node: Any, path: str = "") -> None:
-    """ConfigError naming the first key outside the schema: Hydra's ``+key=value`` adds keys even to typed
-    sections (``+train.lrr=1``, ``+foo=1``), which would otherwise be carried along silently."""
+def _walk(node: Any, path: str = "") -> Iterator[tuple[str, str, Any, Any]]:
+    """(dotted name, its parent's name, parent node, key) of every value under a config node, depth first (list
+    items as ``name[i]``); a None, unset or interpolated container is not entered."""
     from omegaconf import ListConfig
 
     if not isinstance(node, (DictConfig, ListConfig)) or node._is_none() or node._is_missing() \
             or node._is_interpolation():
         return
-    if isinstance(node, ListConfig):
-        for index in range(len(node)):
-            check_known_keys(node._get_node(index), f"{path}[{index}]")
-        return
-    kind = OmegaConf.get_type(node)
-    known = [f.name for f in dataclasses.fields(kind)] if dataclasses.is_dataclass(kind) else None
-    for key in node.keys():
-        name = f"{path}.{key}" if path else str(key)
-        if known is not None and key not in known:
-            raise ConfigError(unknown_key(name, known))
-        child = node._get_node(key)
-        if isinstance(child, (DictConfig, ListConfig)):
-            check_known_keys(child, name)
+    is_list = isinstance(node, ListConfig)
+    for key in (range(len(node)) if is_list else node.keys()):
+        name = f"{path}[{key}]" if is_list else (f"{path}.{key}" if path else str(key))
+        yield name, path, node, key
+        yield from _walk(node._get_node(key), name)
 
 
-def check_set(node: Any, path: str = "") -> None:
+def check_known_keys(node: Any) -> None:
+    """ConfigError naming the first key outside the schema: Hydra's ``+key=value`` adds keys even to typed
+    sections (``+train.lrr=1``, ``+foo=1``), which would otherwise be carried along silently."""
+    for name, _, parent, key in _walk(node):
+        kind = OmegaConf.get_type(parent) if isinstance(parent, DictConfig) else None
+        if dataclasses.is_dataclass(kind):
+            known = [f.name for f in dataclasses.fields(kind)]
+            if key not in known:
+                raise ConfigError(unknown_key(name, known))
+
+
+def check_set(node: Any) -> None:
     """ConfigError naming the first mandatory value left unset (``???``), e.g. a benchmark given a limit by an
     experiment while the eval config that defined it was not chosen."""
-    from omegaconf import ListConfig
-
-    if isinstance(node, (DictConfig, ListConfig)) and not node._is_none() and not node._is_missing() \
-            and not node._is_interpolation():
-        keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
-        for key in keys:
-            name = f"{path}.{key}" if path else str(key)
-            if OmegaConf.is_missing(node, key):
-                hint = f"; is '{path}' meant to be there?" if path else ""
-                raise ConfigError(f"{name} is not set (mandatory){hint}")
-            check_set(node._get_node(key), name)
+    for name, where, parent, key in _walk(node):
+        if OmegaConf.is_missing(parent, key):
+            hint = f"; is '{where}' meant to be there?" if where else ""
+            raise ConfigError(f"{name} is not set (mandatory){hint}")
 
 
 # Paths that must not be empty strings (``run.root=`` on the command line): None means "the default" where a
