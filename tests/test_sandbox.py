@@ -253,3 +253,12 @@ def test_without_bubblewrap_eval_code_refuses_in_one_line(monkeypatch, tmp_path)
     assert str(err.value) == ("eval=code needs bubblewrap (apt-get install bubblewrap) to isolate evaluated programs;"
                               " set eval.code.isolation=none to run them unisolated")
     assert run_program("pass", isolation="none") == "passed"
+
+
+def test_an_unknown_isolation_is_one_line_at_compose_time():
+    from lnull.cli import compose
+    from lnull.errors import ConfigError
+
+    assert compose(["+experiment=tiny", "eval=code"])["eval"]["code"]["isolation"] == "bwrap"
+    with pytest.raises(ConfigError, match="eval.code.isolation must be one of bwrap, none, got 'docker'"):
+        compose(["+experiment=tiny", "eval=code", "eval.code.isolation=docker"])

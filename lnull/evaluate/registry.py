@@ -93,8 +93,9 @@ def check_code_settings(code: Any) -> None:
             raise ConfigError(f"eval.code.{key} must be >= {low}, got {code[key]}")
     if not 0.0 < code["top_p"] <= 1.0:
         raise ConfigError(f"eval.code.top_p must be in (0, 1], got {code['top_p']}")
-    if code["isolation"] not in ("bwrap", "none"):
-        raise ConfigError(f"eval.code.isolation must be bwrap or none, got '{code['isolation']}'")
+    from lnull.evaluate.sandbox import check_isolation
+
+    check_isolation(code["isolation"], probe=False)  # the name only: the machine is probed before scoring
 
 
 def judge_key(url: str, key_env: str) -> Optional[str]:

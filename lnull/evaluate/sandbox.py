@@ -198,13 +198,14 @@ def _probe() -> str:
                                            "run them unisolated")
 
 
-def check_isolation(isolation: str) -> None:
-    """ConfigError (one line) for an unknown ``isolation``, or "bwrap" where programs cannot be isolated."""
+def check_isolation(isolation: str, probe: bool = True) -> None:
+    """ConfigError (one line) for an unknown ``isolation``, or (``probe``) "bwrap" where programs cannot be
+    isolated."""
     from lnull.errors import ConfigError
 
     if isolation not in ISOLATIONS:
         raise ConfigError(f"eval.code.isolation must be one of {', '.join(ISOLATIONS)}, got '{isolation}'")
-    if isolation == "bwrap" and _probe():
+    if probe and isolation == "bwrap" and _probe():
         raise ConfigError(_probe())
 
 
