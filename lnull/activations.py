@@ -23,6 +23,16 @@ Arithmetic for LLaMA-3-8B (32 layers; unique inputs per layer: qkv 4096, o 4096,
 sum d^2 = 3 x 4096^2 + 14336^2 = 2.56e8 per layer; two statistics -> 5.1e8 numbers per layer, i.e. 2.05 GB
 fp32 (4.1 GB fp64), 65.5 GB fp32 for the model: 3 groups of at most 24 GiB on the device, beside ~32 GB of
 fp32 weights (calibration.dtype) and < 2 GB of per-sample temporaries (no logits); host: one group's fp64 sums (<= 48 GiB).
+
+On disk each statistic is a symmetric [d_in, d_in] fp32 matrix stored once, as its packed upper triangle
+(``<module>.<statistic>.triu``: 1-D fp32, row i holding C[i, i:], d_in (d_in + 1) / 2 numbers; :func:`pack_triu`).
+LLaMA-2-7B (32 layers; unique inputs qkv 4096, o 4096, gate/up 4096, down 11008): full matrices would be
+(3 x 4096^2 + 11008^2) x 4 B = 0.64 GiB per layer and statistic, 20.4 GiB per statistic, 40.9 GiB for both;
+packed, 3 x 4096 x 4097 / 2 + 11008 x 11009 / 2 = 8.57e7 numbers = 0.32 GiB per layer and statistic, 10.2 GiB
+per statistic, 20.4 GiB for both. :class:`CalibrationStats` returns the full matrix (:func:`unpack_triu`: the upper
+triangle mirrored, bit-equal to the matrix packed, since the sums are exactly symmetric: both halves are the same
+products added in the same order), one module at a time, and still reads folders written with full matrices
+(``<module>.<statistic>`` [d_in, d_in]; the calibrate key is unchanged: the values are the same).
 """
 from __future__ import annotations
 
@@ -43,6 +53,8 @@ STATS_INDEX = "stats.index.json"  # tensor key -> shard file, when the statistic
 FLUSH_EVERY = 8  # batches between flushes of fp32 device sums into fp64 host sums (CUDA)
 DEFAULT_CUDA_BUDGET_GB = 24.0
 STATS = ("covariance", "max_normalized_covariance")
+PACKED = ".triu"  # key suffix of a statistic stored as its packed upper triangle (pack_triu)
+MIRROR_BLOCK = 512  # rows per block when unpack_triu mirrors the upper triangle into the lower one
 
 Windows = Union[torch.Tensor, list]  # [n, seqlen] token ids, or n 1-D tensors of varying length (official)
 
@@ -214,6 +226,53 @@ def collect_groups(model: torch.nn.Module, linears: dict[str, torch.nn.Linear], 
         del sums  # before the next group's pass: the host holds one group's sums at a time
 
 
+def packed_size(n: int) -> int:
+    """Numbers in the packed upper triangle of an [n, n] matrix."""
+    return n * (n + 1) // 2
+
+
+def triu_side(numbers: int) -> int:
+    """n of a packed upper triangle of ``numbers`` numbers (ValueError when no n fits)."""
+    n = (math.isqrt(8 * numbers + 1) - 1) // 2
+    if packed_size(n) != numbers:
+        raise ValueError(f"{numbers} numbers are not the upper triangle of a square matrix")
+    return n
+
+
+def pack_triu(matrix: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The upper triangle of a square ``matrix`` (diagonal included), row by row: 1-D, row i's part C[i, i:] at
+    offset i n - i (i - 1) / 2, cast to ``dtype`` (default: the matrix's) on the way. Copied row by row, so no
+    index tensor (``torch.triu_indices`` at n = 11008 is 0.97 GB of int64) and no full-size temporary."""
+    n = matrix.shape[0]
+    if matrix.dim() != 2 or matrix.shape[1] != n:
+        raise ValueError(f"pack_triu needs a square matrix, got {tuple(matrix.shape)}")
+    out = torch.empty(packed_size(n), dtype=dtype or matrix.dtype, device=matrix.device)
+    offset = 0
+    for i in range(n):
+        out[offset:offset + n - i].copy_(matrix[i, i:])
+        offset += n - i
+    return out
+
+
+def unpack_triu(packed: torch.Tensor) -> torch.Tensor:
+    """The symmetric [n, n] matrix whose upper triangle :func:`pack_triu` packed: the upper triangle copied row
+    by row, then mirrored into the lower one in blocks of :data:`MIRROR_BLOCK` rows (element copies, no
+    arithmetic: the result is bit-equal, signed zeros included). Memory: the result plus ``packed``."""
+    n = triu_side(packed.numel())
+    out = torch.empty(n, n, dtype=packed.dtype, device=packed.device)
+    offset = 0
+    for i in range(n):
+        out[i, i:].copy_(packed[offset:offset + n - i])
+        offset += n - i
+    for start in range(0, n, MIRROR_BLOCK):
+        stop = min(start + MIRROR_BLOCK, n)
+        out[start:stop, :start].copy_(out[:start, start:stop].T)  # rows < start of these columns: upper, filled
+        block = out[start:stop, start:stop]
+        upper = torch.ones(stop - start, stop - start, dtype=torch.bool, device=out.device).triu()
+        block.copy_(torch.where(upper, block, block.T))
+    return out
+
+
 class StatisticsWriter:
     """Writes groups of statistics as they come: ``stats.safetensors`` for a single group, else
     ``stats-<i>-of-<n>.safetensors`` per group and ``stats.index.json`` (tensor key -> file) at the end."""
@@ -237,8 +296,11 @@ class StatisticsWriter:
 class CalibrationStats:
     """Per-module access to a calibration folder's statistics (one tensor read at a time, never the files).
 
-    ``get(module, statistic)`` -> [d_in, d_in] as stored (fp32), following the alias of a shared input;
-    ``official`` is True when calibration ran ``calibration.official`` (meta.json)."""
+    ``get(module, statistic)`` -> the full symmetric [d_in, d_in] fp32 matrix, following the alias of a shared
+    input, unpacked from ``<input>.<statistic>.triu`` (:func:`unpack_triu`) or, in a folder written before
+    packing, read as stored from ``<input>.<statistic>``; modules sharing an input get the same tensor object
+    when asked back to back (``linalg.memoised`` reuses its decomposition). ``official`` is True when
+    calibration ran ``calibration.official`` (meta.json)."""
 
     def __init__(self, calibration_dir: Path):
         self.dir = Path(calibration_dir)
@@ -248,15 +310,25 @@ class CalibrationStats:
         self.index = read_json(self.dir / STATS_INDEX) if (self.dir / STATS_INDEX).exists() else None
         self._last: tuple[str, torch.Tensor] | None = None  # q/k/v (gate/up) ask for one tensor back to back
 
+    def _file(self, key: str) -> Path:
+        return self.dir / ((self.index.get(key + PACKED) or self.index.get(key, STATS_FILE)) if self.index
+                           else STATS_FILE)
+
     def get(self, module: str, statistic: str) -> torch.Tensor:
         key = f"{self.alias[module]}.{statistic}"
         if self._last is None or self._last[0] != key:
-            path = self.dir / (self.index.get(key, STATS_FILE) if self.index else STATS_FILE)
+            self._last = None  # the previous input's matrix is dropped before the next one is read
+            path = self._file(key)
             with safe_open(str(path), framework="pt") as fh:
-                if key not in fh.keys():
-                    raise ConfigError(f"{path} has no '{key}': calibration is older than this lnull; "
-                                      "delete the calibration folder and run `lnull calibrate` again")
-                self._last = (key, fh.get_tensor(key))
+                keys = set(fh.keys())
+                if key + PACKED in keys:
+                    tensor = unpack_triu(fh.get_tensor(key + PACKED))
+                elif key in keys:  # written before the statistics were packed: the full matrix
+                    tensor = fh.get_tensor(key)
+                else:
+                    raise ConfigError(f"{path} has no '{key}{PACKED}' (nor '{key}'): calibration is older than "
+                                      "this lnull; delete the calibration folder and run `lnull calibrate` again")
+            self._last = (key, tensor)
         return self._last[1]
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from lnull.activations import StatisticsWriter, collect_groups, default_budget_gb, probe_aliases
+from lnull.activations import PACKED, StatisticsWriter, collect_groups, default_budget_gb, pack_triu, probe_aliases
 from lnull.data.sources import hub_reachable, load_records, require_fields
 from lnull.errors import ConfigError
 from lnull.io import atomic_write_json
@@ -87,15 +87,19 @@ def official_windows(tokenizer: Any, texts: list[str], samples: int, seqlen: int
 
 def statistics(sums: dict[str, torch.Tensor], tokens: dict[str, int], samples: dict[str, int],
                official: bool) -> dict[str, torch.Tensor]:
-    """One group's ``stats`` tensors (fp32 on the CPU) from its fp64 sums (``lnull.activations``):
-    ``<module>.covariance`` (sum x x^T, or under ``official`` the normalised sum / 256),
-    ``<module>.max_normalized_covariance`` (normalised sum / samples), ``<module>.tokens``, ``<module>.samples``."""
+    """One group's ``stats`` tensors (fp32 on the CPU) from its fp64 sums (``lnull.activations``), each symmetric
+    statistic as its packed upper triangle (``activations.pack_triu``, key suffix ``.triu``):
+    ``<module>.covariance.triu`` (sum x x^T, or under ``official`` the normalised sum / 256),
+    ``<module>.max_normalized_covariance.triu`` (normalised sum / samples), ``<module>.tokens``,
+    ``<module>.samples``. The numbers are those of the full fp32 matrices (the same fp64 operations and one
+    rounding to fp32, element by element)."""
     tensors = {}
     for name in tokens:
-        normed = sums[f"{name}.max_normalized_covariance"]
-        cov = normed / OFFICIAL_DIVISOR if official else sums[f"{name}.covariance"]
-        tensors[f"{name}.covariance"] = cov.float().contiguous()
-        tensors[f"{name}.max_normalized_covariance"] = (normed / samples[name]).float().contiguous()
+        normed = pack_triu(sums[f"{name}.max_normalized_covariance"])  # fp64, half the matrix
+        cov = normed / OFFICIAL_DIVISOR if official else pack_triu(sums[f"{name}.covariance"], torch.float32)
+        tensors[f"{name}.covariance{PACKED}"] = cov.float()
+        tensors[f"{name}.max_normalized_covariance{PACKED}"] = (normed / samples[name]).float()
+        del normed, cov
         tensors[f"{name}.tokens"] = torch.tensor([tokens[name]], dtype=torch.long)
         tensors[f"{name}.samples"] = torch.tensor([samples[name]], dtype=torch.long)
     return tensors
@@ -107,8 +111,8 @@ def run(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
 
 
 def collect_into(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    """Write the statistics (``lnull.activations``; covariances fp32 [d_in, d_in]) and ``meta.json`` into
-    ``out_dir``; return a summary."""
+    """Write the statistics (``lnull.activations``; symmetric fp32 [d_in, d_in] matrices stored as packed upper
+    triangles) and ``meta.json`` into ``out_dir``; return a summary."""
     cal, mcfg = cfg["calibration"], cfg["model"]
     source, records = resolve_source(cal["dataset"], cfg.get("cache_dir"))
     require_fields(records, [cal["field"]], source)
