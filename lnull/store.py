@@ -44,6 +44,15 @@ def tree_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
+def human_bytes(n: float) -> str:
+    """``n`` bytes in binary units: 512 B, 1.5 KiB, 20.4 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
 def manifest(folder: Path) -> dict[str, int]:
     """{relative path: bytes} of every file under ``folder`` (symlinks and the marker excluded)."""
     return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
@@ -210,15 +219,17 @@ class Store:
                     found.append((folder.name, path.name, path))
         return found
 
+    @staticmethod
+    def _uses(ref: dict[str, Any]) -> list[tuple[str, str]]:
+        """The (folder, key) pairs a run's ref names: its stage entries and its result records."""
+        return [*ref.get("entries", {}).items(), *((RECORDS, key) for key in ref.get("records", []))]
+
     def users(self) -> dict[tuple[str, str], list[str]]:
         """{(folder, key): [run folder names]} from the refs of runs that still exist (wherever they moved)."""
         used: dict[tuple[str, str], list[str]] = {}
         for ref in runrefs.live_refs(self.root):
-            name = Path(ref["run"]).name
-            for folder, key in ref.get("entries", {}).items():
-                used.setdefault((folder, key), []).append(name)
-            for key in ref.get("records", []):
-                used.setdefault((RECORDS, key), []).append(name)
+            for pair in self._uses(ref):
+                used.setdefault(pair, []).append(Path(ref["run"]).name)
         return used
 
     def _record_files(self, key: str) -> list[Path]:
@@ -242,6 +253,44 @@ class Store:
             rows.append({"folder": folder, "key": key, "bytes": self._bytes(folder, key, path),
                          "runs": sorted(used.get((folder, key), []))})
         return rows
+
+    def du(self) -> dict[str, Any]:
+        """Bytes per stage folder and per run (``lnull store du``), from :meth:`ls`'s entries (complete entries and
+        records; a record with its digest and scorer's work folder) and the refs of live runs.
+
+        ``{"stages": [{"folder", "entries", "bytes"}], "runs": [{"run", "path", "entries", "bytes", "own",
+        "shared", "local"}], "own", "shared", "unused", "used_entries", "unused_entries", "bytes"}``: per run,
+        ``bytes`` is every entry its views use, ``own`` those no other run uses, ``shared`` those other runs use
+        too, ``local`` the run folder's own files (its evaluation and analysis outputs; views not followed; None
+        when the folder is not found). Totals count a shared entry once: ``own`` + ``shared`` + ``unused`` (no run
+        uses it) = ``bytes``."""
+        rows = self.ls()
+        size = {(row["folder"], row["key"]): row["bytes"] for row in rows}
+        stages: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            stage = stages.setdefault(row["folder"], {"folder": row["folder"], "entries": 0, "bytes": 0})
+            stage["entries"] += 1
+            stage["bytes"] += row["bytes"]
+        refs = runrefs.live_refs(self.root) if self.root.exists() else []
+        uses = [{pair for pair in self._uses(ref) if pair in size} for ref in refs]
+        count: dict[tuple[str, str], int] = {}
+        for pairs in uses:
+            for pair in pairs:
+                count[pair] = count.get(pair, 0) + 1
+        runs = []
+        for ref, pairs in zip(refs, uses):
+            folder = runrefs._found_at(ref, self.root)
+            runs.append({"run": Path(ref["run"]).name, "path": str(folder or ref["run"]), "entries": len(pairs),
+                         "bytes": sum(size[p] for p in pairs),
+                         "own": sum(size[p] for p in pairs if count[p] == 1),
+                         "shared": sum(size[p] for p in pairs if count[p] > 1),
+                         "local": tree_size(folder) if folder is not None else None})
+        runs.sort(key=lambda run: (run["run"], run["path"]))
+        return {"stages": sorted(stages.values(), key=lambda stage: stage["folder"]), "runs": runs,
+                "own": sum(b for p, b in size.items() if count.get(p) == 1),
+                "shared": sum(b for p, b in size.items() if count.get(p, 0) > 1),
+                "unused": sum(b for p, b in size.items() if p not in count),
+                "used_entries": len(count), "unused_entries": len(size) - len(count), "bytes": sum(size.values())}
 
     def _busy(self, folder: str, key: str) -> bool:
         """Whether a process holds the key's lock now (computing or scoring it)."""

@@ -1,8 +1,10 @@
 """A store that fits one machine (issue 24 part 2): calibration statistics stored once as packed upper triangles
-(half the bytes, the same matrices read back, old full-format folders still read)."""
+(half the bytes, the same matrices read back, old full-format folders still read), and `lnull store du`."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from conftest import lnull
 from lnull import activations, calibrate
 from lnull.activations import PACKED, STATS_INDEX, CalibrationStats, load_statistic, pack_triu, unpack_triu
 from lnull.errors import ConfigError
@@ -114,3 +117,73 @@ def test_a_calibration_folder_in_the_old_full_format_still_loads(sharded, tmp_pa
         with pytest.raises(ConfigError, match="run `lnull calibrate` again"):
             CalibrationStats(tmp_path).get("l.o", "covariance")
 
+
+# ---------------------------------------------------------------------------------------------- lnull store du
+
+
+def _on_disk(store: Path, folder: str, key: str) -> int:
+    """Bytes of one entry, walked independently of lnull.store: a record with its digest and work folder."""
+    paths = ([store / "eval" / f"{key}{suffix}" for suffix in (".json", ".sha256", ".work")] if folder == "eval"
+             else [store / folder / key])
+    total = 0
+    for path in paths:
+        if path.is_file():
+            total += path.stat().st_size
+        for top, _, files in os.walk(path):
+            total += sum(os.lstat(os.path.join(top, f)).st_size for f in files
+                         if not os.path.islink(os.path.join(top, f)))
+    return total
+
+
+def test_store_du_bytes_per_stage_and_per_run_equal_the_entries_on_disk(tmp_path):
+    from lnull.cli import compose, du_lines
+    from lnull.pipeline import run_pipeline
+    from lnull.store import Store, human_bytes
+
+    runs = {}
+    for method in ("lora_null_v1", "lora_null_v2"):  # one calibration and the base model's records shared
+        cfg = compose(["+experiment=tiny", f"run.root={tmp_path}", f"run.dir={tmp_path / method}", "progress=false",
+                       f"method={method}", "train.max_steps=2", "eval.limit=4"])
+        runs[method] = run_pipeline(cfg, log=lambda _: None).dir
+    store = tmp_path / "store"
+    du = Store(store).du()
+    refs = {name: json.loads((runs[name] / ".lnull-ref.json").read_text()) for name in runs}
+    pairs = {name: {*ref["entries"].items(), *(("eval", k) for k in ref["records"])} for name, ref in refs.items()}
+    entries = {(p.parent.name, p.name if p.parent.name != "eval" else p.stem)
+               for p in store.glob("*/*") if p.parent.name not in ("locks", "refs", "procs")
+               and not p.name.endswith((".partial", ".sha256", ".work"))}
+    assert pairs["lora_null_v1"] | pairs["lora_null_v2"] == entries  # every entry is used by a run
+    size = {pair: _on_disk(store, *pair) for pair in entries}
+    assert {s["folder"]: s["bytes"] for s in du["stages"]} == {
+        folder: sum(b for (f, _), b in size.items() if f == folder) for folder, _ in entries}
+    assert {s["folder"] for s in du["stages"]} >= {"calibration", "init", "train", "eval"}
+    shared = pairs["lora_null_v1"] & pairs["lora_null_v2"]
+    assert ("calibration", refs["lora_null_v1"]["entries"]["calibration"]) in shared
+    for row in du["runs"]:
+        mine = pairs[row["run"]]
+        assert row["bytes"] == sum(size[p] for p in mine) == row["own"] + row["shared"]
+        assert row["shared"] == sum(size[p] for p in mine & shared) > 0
+        assert row["local"] == sum(f.stat().st_size for f in Path(row["path"]).rglob("*")
+                                   if f.is_file() and not f.is_symlink()) > 0
+    assert du["bytes"] == sum(size.values()) and du["unused"] == 0
+    assert du["shared"] == sum(size[p] for p in shared)  # counted once in the totals
+    assert du["own"] + du["shared"] == du["bytes"]
+
+    out = lnull("store", "du", f"run.root={tmp_path}", check=True).stdout
+    print("\n" + out)
+    assert out.strip().splitlines() == du_lines(du, store.resolve())
+    lines = out.splitlines()
+    total = next(line for line in lines if line.startswith("total"))
+    assert total.split()[-2:] == human_bytes(du["bytes"]).split()
+    for name in runs:
+        row = next(r for r in du["runs"] if r["run"] == name)
+        line = next(line for line in lines if line.startswith(name + " "))
+        assert " ".join(line.split()[2:8]) == " ".join(human_bytes(row[k]) for k in ("bytes", "own", "shared"))
+    header = next(line for line in lines if line.startswith("run "))
+    assert len({len(line) for line in lines[lines.index(header):lines.index(header) + 3]}) == 1  # aligned
+
+    shutil.rmtree(runs["lora_null_v2"])  # its own entries become unused; the shared ones are v1's own now
+    after = Store(store).du()
+    assert [r["run"] for r in after["runs"]] == ["lora_null_v1"]
+    assert after["unused"] == sum(size[p] for p in pairs["lora_null_v2"] - shared)
+    assert after["own"] == sum(size[p] for p in pairs["lora_null_v1"]) and after["shared"] == 0
