@@ -54,7 +54,7 @@ FLUSH_EVERY = 8  # batches between flushes of fp32 device sums into fp64 host su
 DEFAULT_CUDA_BUDGET_GB = 24.0
 STATS = ("covariance", "max_normalized_covariance")
 PACKED = ".triu"  # key suffix of a statistic stored as its packed upper triangle (pack_triu)
-MIRROR_BLOCK = 512  # rows per block when unpack_triu mirrors the upper triangle into the lower one
+MIRROR_BLOCK = 128  # tile side when unpack_triu mirrors the upper triangle into the lower one
 
 Windows = Union[torch.Tensor, list]  # [n, seqlen] token ids, or n 1-D tensors of varying length (official)
 
@@ -256,20 +256,22 @@ def pack_triu(matrix: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torc
 
 def unpack_triu(packed: torch.Tensor) -> torch.Tensor:
     """The symmetric [n, n] matrix whose upper triangle :func:`pack_triu` packed: the upper triangle copied row
-    by row, then mirrored into the lower one in blocks of :data:`MIRROR_BLOCK` rows (element copies, no
-    arithmetic: the result is bit-equal, signed zeros included). Memory: the result plus ``packed``."""
+    by row, then mirrored into the lower one in :data:`MIRROR_BLOCK`-square tiles (element copies, no
+    arithmetic: the result is bit-equal, signed zeros included). Memory: the result plus ``packed``, 1.5 n^2 x 4
+    bytes for fp32; n = 11008 on 2 busy CPU cores: 0.7-0.9 s (packing: 0.25 s)."""
     n = triu_side(packed.numel())
     out = torch.empty(n, n, dtype=packed.dtype, device=packed.device)
     offset = 0
     for i in range(n):
         out[i, i:].copy_(packed[offset:offset + n - i])
         offset += n - i
+    upper = torch.ones(MIRROR_BLOCK, MIRROR_BLOCK, dtype=torch.bool, device=out.device).triu()
     for start in range(0, n, MIRROR_BLOCK):
         stop = min(start + MIRROR_BLOCK, n)
-        out[start:stop, :start].copy_(out[:start, start:stop].T)  # rows < start of these columns: upper, filled
+        for col in range(0, start, MIRROR_BLOCK):  # tile by tile (cache-sized; a whole panel is 3x slower)
+            out[start:stop, col:col + MIRROR_BLOCK].copy_(out[col:col + MIRROR_BLOCK, start:stop].T)
         block = out[start:stop, start:stop]
-        upper = torch.ones(stop - start, stop - start, dtype=torch.bool, device=out.device).triu()
-        block.copy_(torch.where(upper, block, block.T))
+        block.copy_(torch.where(upper[:stop - start, :stop - start], block, block.T))
     return out
 
 
