@@ -290,10 +290,16 @@ def install(target: Path, report_file: Path | None) -> int:
             result["resolver"] = "failed: " + (lines[-1] if lines else f"pip exit {proc.returncode}")
             result["resolver_output"] = (proc.stdout + proc.stderr)[-4000:]
             wheels = list(WHL.glob("*.whl"))
-    proc = pip("install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir", "--upgrade",
-               "--target", str(target), *map(str, sorted(wheels)), isolated=True, check=False, capture_output=True)
     result["installed"] = sorted(p.name for p in wheels)
-    result["install"] = "ok" if proc.returncode == 0 else "failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1]
+    if not wheels:
+        result["install"] = "ok: nothing to install (this Python has every dependency)"
+        proc = subprocess.CompletedProcess([], 0)
+    else:
+        proc = pip("install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir", "--upgrade",
+                   "--target", str(target), *map(str, sorted(wheels)), isolated=True, check=False,
+                   capture_output=True)
+        result["install"] = "ok" if proc.returncode == 0 else \
+            "failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1]
     print(json.dumps({k: v for k, v in result.items() if k != "resolver_output"}, indent=1))
     if report_file:
         report_file.write_text(json.dumps(result, indent=1) + "\n")
