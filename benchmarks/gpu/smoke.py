@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -475,14 +476,18 @@ def part_c(spec: dict, work: Path, dry: bool, rec: Recorder) -> None:
         alias_source = f"name rule (probe_aliases on meta: {type(exc).__name__}: {str(exc)[:80]})"
     unique = [n for n, a in alias.items() if n == a]
     sizes = {n: linears[n].in_features ** 2 for n in unique}
+    weights_gib = params * 4 / 2**30  # calibration.dtype float32
     if dry:
-        free, total, budget = None, 80 * 2**30, activations.DEFAULT_CUDA_BUDGET_GB
-        budget_source = "DEFAULT_CUDA_BUDGET_GB (dry run: an 80 GiB card assumed)"
+        free, total = None, 80 * 2**30
+        where = "an 80 GiB card (dry run: assumed)"
     else:
         free, total = torch.cuda.mem_get_info(0)
-        budget = activations.default_budget_gb(torch.device("cuda"), None)
-        budget_source = "activations.default_budget_gb on this GPU (24 GiB capped at 60% of free memory)"
-    weights_gib = params * 4 / 2**30  # calibration.dtype float32
+        where = "this GPU's free memory"
+    # lnull's rule (activations.default_budget_gb), asked once the fp32 weights are loaded, as collect_into does
+    left = (free if free is not None else total) / 2**30 - weights_gib
+    budget = min(activations.DEFAULT_CUDA_BUDGET_GB, math.floor(0.6 * left * 10) / 10)
+    budget_source = (f"default_budget_gb's rule on {where} less the fp32 weights: min(24 GiB, 60% of "
+                     f"{left:.1f} GiB)")
     plans = []
     for b in sorted({budget, 24.0, 16.0, 8.0}, reverse=True):
         groups = activations.plan_groups(sizes, 4, b)
@@ -843,7 +848,7 @@ def summary_lines(part: str, r: dict) -> list[str]:
         if g("plans"):
             out.append(f"{g('layers')} layers, {g('unique_inputs')} unique inputs ({g('alias_source')}); fp32 weights "
                        f"{g('weights_fp32_gib')} GiB; card {g('card_total_gib')} GiB; stored (packed, both "
-                       f"statistics) {g('stored_packed_both_statistics_gib')} GiB")
+                       f"statistics) {g('stored_packed_both_statistics_gib')} GiB; lnull's budget: {g('budget_source')}")
             for p in r["plans"]:
                 out.append(f"budget {p['budget_gib']} GiB{' (lnull’s choice here)' if p['chosen_by_lnull'] else ''}: "
                            f"{p['groups']} groups, largest {p['max_group_device_fp32_gib']} GiB on the device / "
