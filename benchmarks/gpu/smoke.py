@@ -18,7 +18,8 @@ Parts (run in this order; a part that fails, times out or cannot run records ``f
     ``get_peft_model``) on the same 2 LLaMA-2-7B-shaped layers and windows; per-layer seconds, x 32 extrapolated.
 (d) training tokens/s, lnull's train stage (``lnull.train.train_into``) vs HF Trainer + PEFT LoRA r=128 on a
     full-depth (32-layer) LLaMA-2-7B-shaped bf16 model, same examples in the same order, batch 8 at micro-batch
-    1 / 4 / 8; the first optimizer step of each is a warm-up and not timed.
+    1 / 4 / 8, lnull then HF at each size (HF's PEFT model stays on the device); the first optimizer step of each
+    is a warm-up and not timed.
 
 Each part runs in a child process (a fresh interpreter on the GPU; forked from this pre-imported one in a dry run,
 where imports cost more than the parts) killed with its process group at its limit; the whole run keeps to
@@ -647,19 +648,7 @@ def part_d(spec: dict, work: Path, dry: bool, rec: Recorder) -> None:
                    for s in range(spec["steps"])]
     rec.set(tokens_per_step=step_tokens, timed="steps 2..N (step 1 is a warm-up)",
             precision=f"{spec['dtype']} base, fp32 LoRA, " + ("no autocast (CPU)" if dry else "bf16 autocast (both)"))
-    results: dict[str, dict] = {"hf_trainer_peft": {}, "lnull": {}}
-
-    rec.doing("HF Trainer + PEFT")
-    hf_model = hf_setup(built.pop() if built else None, model_dir, cfg, spec, dry)
-    rec.set(attention={"lnull": cfg["train"]["attn_implementation"],
-                       "hf": getattr(hf_model.config, "_attn_implementation", None)})
-    for micro in spec["micro"]:
-        rec.doing(f"HF Trainer, micro-batch {micro}")
-        results["hf_trainer_peft"][f"mb{micro}"] = hf_train(hf_model, examples, order, step_tokens, tokenizer,
-                                                              spec, micro, work, dry)
-        rec.set(results=results)
-    del hf_model
-    release()
+    results: dict[str, dict] = {"lnull": {}, "hf_trainer_peft": {}}
 
     rec.doing("lnull init (lora)")
     init_dir = work / "d-init"
@@ -668,32 +657,49 @@ def part_d(spec: dict, work: Path, dry: bool, rec: Recorder) -> None:
     t = time.perf_counter()
     initialize.build(cfg, init_dir, None)
     rec.set(lnull_init_s=round(time.perf_counter() - t, 1))
+    rec.doing("PEFT LoRA on the model for HF Trainer")
+    hf_model = hf_setup(built.pop() if built else None, model_dir, cfg, spec, dry)  # stays on the device
+    rec.set(attention={"lnull": cfg["train"]["attn_implementation"],
+                       "hf": getattr(hf_model.config, "_attn_implementation", None)})
     from lnull.train import train_into
 
-    for micro in spec["micro"]:
+    for micro in spec["micro"]:  # lnull then HF at each size: a part cut short keeps whole pairs
+        key = f"mb{micro}"
         rec.doing(f"lnull train, micro-batch {micro}")
-        out = work / f"d-train-mb{micro}"
+        out = work / f"d-train-{key}"
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir()
-        if not dry:
-            torch.cuda.reset_peak_memory_stats()
+        reset_accelerate()
         t = time.perf_counter()
         summary = train_into(compose(base + [f"train.micro_batch_size={micro}"]), out, init_dir)
         wall = time.perf_counter() - t
         log = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
         timed_s = log[-1]["elapsed_s"] - log[0]["elapsed_s"]
         timed_tokens = log[-1]["tokens"] - log[0]["tokens"]
-        results["lnull"][f"mb{micro}"] = {
+        results["lnull"][key] = {
             "tokens_per_s": round(timed_tokens / timed_s, 1) if timed_s > 0 else None,
             "s_per_step": round(timed_s / (len(log) - 1), 3) if len(log) > 1 else None,
-            "tokens_timed": timed_tokens, "stage_wall_s": round(wall, 1),
-            "first_loss": summary.get("first_loss"), "peak_gpu_gib": peak_gib()}
+            "tokens_timed": timed_tokens, "stage_wall_s": round(wall, 1), "first_loss": summary.get("first_loss")}
         rec.set(results=results)
         shutil.rmtree(out, ignore_errors=True)
+        rec.doing(f"HF Trainer, micro-batch {micro}")
+        reset_accelerate()
+        results["hf_trainer_peft"][key] = hf_train(hf_model, examples, order, step_tokens, tokenizer, spec, micro,
+                                                   work, dry)
+        rec.set(results=results, peak_gpu_gib=peak_gib())
     ratios = {k: round(results["lnull"][k]["tokens_per_s"] / results["hf_trainer_peft"][k]["tokens_per_s"], 3)
               for k in results["lnull"] if k in results["hf_trainer_peft"]
               and results["lnull"][k]["tokens_per_s"] and results["hf_trainer_peft"][k]["tokens_per_s"]}
     rec.set(ratio_lnull_over_hf=ratios)
+
+
+def reset_accelerate() -> None:
+    """Accelerate keeps process-wide singletons (mixed precision, accumulation): each run starts clean, as
+    lnull's own train stage does after a run (lnull.train._train_here)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def release() -> None:
@@ -749,8 +755,6 @@ def hf_train(model: Any, examples: list, order: list[int], step_tokens: list[int
                              remove_unused_columns=False, dataloader_num_workers=0, use_cpu=dry, seed=42,
                              max_grad_norm=1.0)
     timer = Timer()
-    if not dry:
-        torch.cuda.reset_peak_memory_stats()
     trainer = InOrder(model=model, args=args, train_dataset=data, callbacks=[timer],
                       data_collator=lambda batch: collate(batch, tokenizer.pad_token_id))
     t = time.perf_counter()
@@ -763,8 +767,7 @@ def hf_train(model: Any, examples: list, order: list[int], step_tokens: list[int
     release()
     return {"tokens_per_s": round(tokens / timed_s, 1) if timed_s > 0 else None,
             "s_per_step": round(timed_s / (len(timer.ends) - 1), 3), "tokens_timed": tokens,
-            "train_wall_s": round(wall, 1), "first_loss": loss, "peak_gpu_gib": peak_gib(),
-            "global_step": out.global_step}
+            "train_wall_s": round(wall, 1), "first_loss": loss, "global_step": out.global_step}
 
 
 PARTS = {"a": part_a, "b": part_b, "c": part_c, "d": part_d, "e": part_e}
