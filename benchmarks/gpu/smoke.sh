@@ -3,10 +3,10 @@
 #   benchmarks/gpu/smoke.sh              on a GPU machine: installs .whl/ (benchmarks/gpu/prepare.sh made it, here)
 #                                        into /tmp/site, then runs the five parts in <= 8 minutes
 #   benchmarks/gpu/smoke.sh --dry-run    here, on the CPU at tiny sizes (tests/test_gpu_check.py)
-# Extra arguments go to smoke.py (--parts a,b, --budget-s N, --work DIR). OUT defaults to ./gpu-check-out.
+# Extra arguments go to smoke.py (--parts a,b, --budget-s N, --work DIR). OUT defaults to /tmp/gpu-check-out.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-OUT=${OUT:-$PWD/gpu-check-out}
+OUT=${OUT:-${TMPDIR:-/tmp}/gpu-check-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 if [ "${1:-}" = "--dry-run" ]; then
@@ -24,4 +24,4 @@ else
   echo "smoke.sh: no .whl/ here (run benchmarks/gpu/prepare.sh where pip works and carry .whl); going on" >&2
 fi
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
-"$PY" benchmarks/gpu/smoke.py --out "$OUT" "${SETUP[@]}" "$@" 2>&1 | tee "$OUT/smoke.log"
+"$PY" benchmarks/gpu/smoke.py --out "$OUT" ${SETUP[@]+"${SETUP[@]}"} "$@" 2>&1 | tee "$OUT/smoke.log"
