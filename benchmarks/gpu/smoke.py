@@ -99,13 +99,13 @@ def main() -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if dry:  # forked children share these imports (no CUDA is touched here: fork is safe)
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # a shared CPU: spinning thread pools cost more than they give
-        import peft  # noqa: F401
+        import importlib
+
         import torch
-        import transformers  # noqa: F401
 
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-
-        from lnull import calibrate, cli, initialize, train  # noqa: F401
+        for module in ("transformers", "peft", "lnull.calibrate", "lnull.cli", "lnull.initialize", "lnull.train"):
+            importlib.import_module(module)
     work = args.work or Path(tempfile.mkdtemp(prefix="gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"mode": "dry-run (CPU, tiny sizes)" if dry else "gpu", "started": time.strftime(
@@ -128,7 +128,6 @@ def main() -> int:
                 report["parts"][part] = run_part(part, spec, limit, work, dry)
                 print(f"[gpu-check] part {part}: {report['parts'][part]['status']} "
                       f"({report['parts'][part]['seconds']} s)", flush=True)
-            report["environment"] = report["parts"].get("_env") or report.get("environment")
             write(report, args.out, time.monotonic() - start)
     finally:
         if args.work is None:
@@ -313,8 +312,6 @@ def count_eigh(counter: dict) -> None:
 # (a) ------------------------------------------------------------------------------------------------------
 
 def part_a(spec: dict, work: Path, dry: bool, rec: Recorder) -> None:
-    import torch
-
     rec.doing("building the 2-layer model")
     t0 = time.perf_counter()
     model = build_model(work / "llama2-7b-2l", "llama2-7b", spec["layers"], "bfloat16", dry)
@@ -393,21 +390,21 @@ def part_b(spec: dict, work: Path, dry: bool, rec: Recorder) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 GEMM means fp32
     sync = (lambda: None) if dry else torch.cuda.synchronize
 
-    def timed(fn: Callable[[], Any], reps: int) -> float:
-        """Best of ``reps`` calls after a warm-up call; ``reps`` 0: the one call, timed (the largest sizes'
-        decompositions, after a smaller size warmed the library up)."""
+    def timed(fn: Callable[..., Any], reps: int, *args: Any, **kwargs: Any) -> float:
+        """Best of ``reps`` calls of ``fn(*args, **kwargs)`` after a warm-up call; ``reps`` 0: the one call, timed
+        (the largest sizes' decompositions, after a smaller size warmed the library up)."""
         if reps == 0:
             sync()
             t = time.perf_counter()
-            fn()
+            fn(*args, **kwargs)
             sync()
             return time.perf_counter() - t
-        fn()  # warm-up (cuBLAS / cuSOLVER handles, workspaces)
+        fn(*args, **kwargs)  # warm-up (cuBLAS / cuSOLVER handles, workspaces)
         sync()
         best = float("inf")
         for _ in range(reps):
             t = time.perf_counter()
-            fn()
+            fn(*args, **kwargs)
             sync()
             best = min(best, time.perf_counter() - t)
         return best
@@ -421,7 +418,7 @@ def part_b(spec: dict, work: Path, dry: bool, rec: Recorder) -> None:
             rec.doing(f"{name} n={n}")
             a = torch.randn(n, n, device=dev, dtype=dtype, generator=gen)
             b = torch.randn(n, n, device=dev, dtype=dtype, generator=gen)
-            s = timed(lambda: a @ b, spec["reps"])
+            s = timed(torch.matmul, spec["reps"], a, b)
             row[name] = {"s": round(s, 5), "tflops": round(2 * n**3 / s / 1e12, 2)}
             del a, b
             rec.set(rows=rows)
@@ -430,14 +427,14 @@ def part_b(spec: dict, work: Path, dry: bool, rec: Recorder) -> None:
         spd = x @ x.T / n + torch.eye(n, device=dev, dtype=torch.float64)
         del x
         once = 1 if n == spec["sizes"][0] else 0  # the smallest size warms up, the others are timed once
-        s = timed(lambda: torch.linalg.eigh(spd), once)
-        row["eigh_fp64"] = {"s": round(s, 3), "equiv_tflops_at_4n3": round(4 * n**3 / s / 1e12, 3)}
+        s = timed(torch.linalg.eigh, once, spd)
+        row["eigh_fp64"] = {"s": round(s, 3)}
         del spd
         rec.set(rows=rows)
         m = spec["svd_rows"]
         rec.doing(f"svd fp64 {m}x{n}")
         w = torch.randn(m, n, device=dev, dtype=torch.float64, generator=gen)
-        s = timed(lambda: torch.linalg.svd(w, full_matrices=False), once)
+        s = timed(torch.linalg.svd, once, w, full_matrices=False)
         row["svd_fp64"] = {"shape": [m, n], "s": round(s, 3)}
         del w
         rec.set(rows=rows)
@@ -617,12 +614,10 @@ def part_e(spec: dict, work: Path, dry: bool, rec: Recorder) -> None:
 # (d) ------------------------------------------------------------------------------------------------------
 
 def part_d(spec: dict, work: Path, dry: bool, rec: Recorder) -> None:
-    import torch
-
     from lnull import initialize
     from lnull.cli import compose
     from lnull.modeling import load_tokenizer
-    from lnull.training.data import build_examples, collate, step_plan
+    from lnull.training.data import build_examples, step_plan
 
     rec.doing(f"building the {spec['layers']}-layer model")
     t = time.perf_counter()
