@@ -21,7 +21,7 @@ import torch
 
 from lnull import calibrate, initialize
 from lnull.cli import compose
-from lnull.modeling import load_tokenizer
+from lnull.modeling import load_tokenizer, original_path
 from lnull.training.data import build_examples, collate, step_plan
 from lnull.training.model import ResponseLoss, load_trainable
 
@@ -36,7 +36,7 @@ VARIANTS = {  # name: (response-only head, group_by_length, gradient checkpointi
 def time_variant(cfg: dict, init_dir: Path, examples: list, pad_id: int, steps: int,
                  response_head: bool, grouped: bool, checkpointing: bool) -> dict:
     tcfg = {**cfg["train"], "group_by_length": grouped}
-    model, _ = load_trainable(init_dir, cfg["model"]["dtype"])
+    model, _ = load_trainable(init_dir, original_path(cfg), cfg["model"]["dtype"])
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -75,7 +75,7 @@ def main() -> None:
         if initialize.REGISTRY[cfg["method"]["name"]].needs_calibration:
             calibrate.collect_into(cfg, calib)
         initialize.build(cfg, init_dir, calib)
-        tokenizer = load_tokenizer(str(init_dir / "base"))
+        tokenizer = load_tokenizer(original_path(cfg))
         examples = build_examples(cfg, tokenizer)
         results = {name: time_variant(cfg, init_dir, examples, tokenizer.pad_token_id, args.steps, *VARIANTS[name])
                    for name in args.variants.split(",")}

@@ -158,11 +158,12 @@ def run(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     from lnull.activations import load_statistic
-    from lnull.modeling import load_model, resolve_model, target_linears
+    from lnull.modeling import load_model, original_path, target_linears
+    from lnull.residual import subtract_initial_update
 
     out = ctx.out
     calib_dir, init_dir, train_dir = (ctx.maybe_input(s) for s in ("calibrate", "init", "train"))
-    model = load_model(resolve_model(cfg["model"]["name_or_path"], cfg.get("cache_dir")), "float32")
+    model = load_model(original_path(cfg), "float32")
     W0 = {n: lin.weight.detach().double() for n, lin in target_linears(model, cfg["model"]["target_modules"]).items()}
     modules = list(W0)
     shown = _plotted(modules)
@@ -227,7 +228,8 @@ def run(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
         for part in ("projection_profile", "table1"):
             skip(part, no_cal)
     else:
-        W_res = load_file(str(init_dir / "base" / "model.safetensors"))
+        subtract_initial_update(model, init_adapter)  # the fp32 model becomes the init's residual model
+        W_res = {f"{n}.weight": model.get_submodule(n).weight.detach() for n in modules}
         prof, table, curves = [], [], {}
         for n in modules:
             _, U = eigenbasis_desc(covs[n])

@@ -2,13 +2,14 @@
 
 Writes ``<run>/export/``:
 
-- ``merged/``: plain HF model + tokenizer, ``init/base`` + ``train/adapter`` merged (PEFT ``merge_and_unload``,
+- ``merged/``: plain HF model + tokenizer, the residual model (rebuilt from the original and ``init/adapter``,
+  ``lnull.residual``) + ``train/adapter`` merged (PEFT ``merge_and_unload``,
   in fp32, saved in ``model.dtype``); for full fine-tuning a copy of ``train/model``.
 - ``lora_on_original/``: a plain PEFT LoRA adapter whose ``base_model_name_or_path`` is the ORIGINAL model
   (``model.name_or_path`` resolved), so ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(
   original), lora_on_original)`` is the trained model. Absent for full fine-tuning.
 - ``report.json``: which base each artefact needs, and the max |logit difference| of each reloaded artefact
-  against the trained model ``PeftModel(init/base, train/adapter)`` on a short probe text.
+  against the trained model ``PeftModel(residual model, train/adapter)`` on a short probe text.
 
 Residual methods are those whose init moves weight out of the base: W_res = W0 - s B0 A0 != W0, i.e. B0 A0 != 0.
 :func:`is_residual` decides from the init adapter's weights (PiSSA, MiLoRA, CorDA and LoRA-Null move weight;
@@ -32,7 +33,8 @@ from safetensors.torch import load_file
 
 from lnull.io import atomic_write_json, read_json
 from lnull.methods import METHOD_FILE, attach, bake, needs_hooks
-from lnull.modeling import DTYPES, load_model, load_tokenizer, pick_device, resolve_model
+from lnull.modeling import DTYPES, load_model, load_tokenizer, original_path, pick_device
+from lnull.residual import load_residual_model
 
 PROBE = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
          "request.\n\n### Instruction:\nWhat is 12 + 30?\n\n### Response: 12 + 30 = 42. The answer is: 42")
@@ -77,10 +79,10 @@ def export_into(cfg: dict[str, Any], out_dir: Path, init_dir: Path, train_dir: P
     Every model is loaded in fp32 on ``cfg.device`` one at a time (the reference, then each reloaded artefact),
     so peak memory is one fp32 model; the merged model is cast to ``model.dtype`` only when saved."""
     out_dir, init_dir, train_dir = Path(out_dir), Path(init_dir), Path(train_dir)
-    original = resolve_model(cfg["model"]["name_or_path"], cfg.get("cache_dir"))
+    original = original_path(cfg)
     save_dtype = cfg["model"]["dtype"]
     device = pick_device(cfg["device"])
-    tokenizer = load_tokenizer(str(init_dir / "base"))
+    tokenizer = load_tokenizer(original)
     ids = tokenizer(PROBE, return_tensors="pt")["input_ids"][:, :MAX_PROBE_TOKENS]
     report: dict[str, Any] = {"original": original, "probe_tokens": int(ids.shape[1]), "saved_dtype": save_dtype,
                               "measured_in": "float32"}
@@ -98,7 +100,7 @@ def export_into(cfg: dict[str, Any], out_dir: Path, init_dir: Path, train_dir: P
     from peft import PeftModel
 
     residual, init_norm = is_residual(init_dir / "adapter")
-    model = PeftModel.from_pretrained(load_model(str(init_dir / "base"), "float32", device),
+    model = PeftModel.from_pretrained(load_residual_model(original, init_dir / "adapter", "float32", device),
                                       str(train_dir / "adapter"))
     projected = needs_hooks(init_dir / "adapter")
     attach(model, init_dir / "adapter")  # idempotent on a baked adapter; makes an unbaked one compute its update
@@ -132,7 +134,7 @@ def export_into(cfg: dict[str, Any], out_dir: Path, init_dir: Path, train_dir: P
     got_lora = probe_logits(on_original, ids)
     report.update(
         method=info["method"], residual=residual, init_update_norm=init_norm,
-        reference="PeftModel(init/base, train/adapter)" + (" with the method's hooks" if projected else ""),
+        reference="PeftModel(residual model, train/adapter)" + (" with the method's hooks" if projected else ""),
         merged={"base": None, "max_abs_logit_diff": _diff(got_merged, ref)},
         lora_on_original={"base": original, "rank": saved["r"], "lora_alpha": saved["lora_alpha"],
                           "trained_rank": info["rank"], "converted_from_residual": residual,

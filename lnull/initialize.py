@@ -1,9 +1,10 @@
 """Stage `init`: apply an initialisation method to every targeted linear layer.
 
-Writes ``init/base/`` (plain HF folder with the residual weights), ``init/adapter/`` (standard PEFT
-LoRA adapter plus ``lnull_method.json`` with the freezing rule) and ``init/report.json``.
-Loading ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)`` gives the
-original model's outputs.
+Writes ``init/adapter/`` (standard PEFT LoRA adapter (A0, B0) on the original model plus ``lnull_method.json``
+with the freezing rule), ``init/lnull_method.json`` and ``init/report.json``; full fine-tuning writes only the
+two JSON files. The residual weights W0 - s B0 A0 are never stored: whoever loads the init rebuilds them from
+the original model (:mod:`lnull.residual`), so ``PeftModel.from_pretrained(load_residual_model(original,
+init/adapter, ...), init/adapter)`` gives the original model's outputs.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from lnull.errors import ConfigError
 from lnull.io import atomic_write_json
 from lnull.methods import METHOD_FILE, REGISTRY, LayerInit, layer_generator
 from lnull.methods.linalg import captured_energy, release_shared, shared_decompositions
-from lnull.modeling import load_model, load_tokenizer, pick_device, resolve_model, target_linears
+from lnull.modeling import load_model, pick_device, resolve_model, target_linears
 
 
 def lora_scale(cfg_method: dict[str, Any]) -> float:
@@ -36,14 +37,13 @@ def run(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
 
 
 def build(cfg: dict[str, Any], out_dir: Path, calibration_dir: Optional[Path]) -> dict[str, Any]:
-    """Write ``base/``, ``adapter/`` (adapter methods), ``lnull_method.json`` and ``report.json`` into
-    ``out_dir``; return the summary (method, rank, alpha, scale; rank and alpha None without an adapter)."""
+    """Write ``adapter/`` (adapter methods), ``lnull_method.json`` and ``report.json`` into ``out_dir``; return
+    the summary (method, rank, alpha, scale; rank and alpha None without an adapter)."""
     mcfg, meth_cfg = cfg["model"], cfg["method"]
     method = REGISTRY[meth_cfg["name"]]
     options = method.make_options(meth_cfg)
     path = resolve_model(mcfg["name_or_path"], cfg.get("cache_dir"))
     model = load_model(path, mcfg["dtype"], "cpu")
-    tokenizer = load_tokenizer(path)
     linears = target_linears(model, mcfg["target_modules"])
     rank = meth_cfg["rank"]
     for name, lin in linears.items():
@@ -62,9 +62,7 @@ def build(cfg: dict[str, Any], out_dir: Path, calibration_dir: Optional[Path]) -
             "scale": lora_scale(meth_cfg) if method.has_adapter else None}
     report: dict[str, Any] = {"method": method.name, "rank": info["rank"], "modules": {}}
     start = time.perf_counter()
-    if not method.has_adapter:  # full fine-tuning: the base is the original model
-        model.save_pretrained(out_dir / "base")
-        tokenizer.save_pretrained(out_dir / "base")
+    if not method.has_adapter:  # full fine-tuning trains the original model itself: nothing to write but the record
         report["seconds"] = time.perf_counter() - start
         atomic_write_json(out_dir / "report.json", report)
         atomic_write_json(out_dir / METHOD_FILE, info)
@@ -92,8 +90,6 @@ def build(cfg: dict[str, Any], out_dir: Path, calibration_dir: Optional[Path]) -
             _init_layer(method, name, lin, shared[1], stats, rank, scale, options, device, official_fp16,
                         report, inits)
     del shared
-    model.save_pretrained(out_dir / "base")
-    tokenizer.save_pretrained(out_dir / "base")
     if report.get("warnings"):  # one warning for the stage: the first module's, and how many more
         first, category = report["warnings"][0]
         more = len(report["warnings"]) - 1
@@ -125,8 +121,10 @@ def build(cfg: dict[str, Any], out_dir: Path, calibration_dir: Optional[Path]) -
 def _init_layer(method: Any, name: str, lin: torch.nn.Linear, cov: Optional[torch.Tensor], stats: Any, rank: int,
                 scale: float, options: Any, device: torch.device, official_fp16: bool, report: dict[str, Any],
                 inits: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Initialise one layer: its residual into ``lin``, (A, B) into ``inits``, its entry into ``report``."""
-    # The model stays on the CPU (it is saved from there); each layer's maths runs on `device`.
+    """Initialise one layer: (A, B) into ``inits``, its entry into ``report``. ``lin`` keeps W0: the residual
+    W0 - s B A is rebuilt by whoever loads the init (:mod:`lnull.residual`); the method's own residual only
+    measures its reconstruction error here."""
+    # The model stays on the CPU; each layer's maths runs on `device`.
     W0 = lin.weight.detach().to(device, torch.float32)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -141,5 +139,4 @@ def _init_layer(method: Any, name: str, lin: torch.nn.Linear, cov: Optional[torc
     if stats is not None:  # share of the calibration activations' energy in the row space of A
         entry["energy"] = captured_energy(res.A, stats.get(name, "covariance"))
     report["modules"][name] = entry
-    lin.weight.data.copy_(res.residual.to(lin.weight.dtype))
-    inits[name] = (res.A, res.B)  # the residual now lives in the model; keeping it would double memory
+    inits[name] = (res.A, res.B)

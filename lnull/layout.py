@@ -3,7 +3,7 @@
 A run folder (``run.dir``, default ``<run.root>/<experiment>-<hash>``) holds ``config.yaml``,
 ``provenance.json``, views (symlinks) of its store entries (``calibration``, ``init``, ``train``, ``export``)
 and the folders of its run-local stages (``eval``, ``analysis``). Stage code asks the layout for paths
-(``layout.view("init") / "base"``), never builds another stage's paths itself.
+(``layout.view("init") / "adapter"``), never builds another stage's paths itself.
 """
 from __future__ import annotations
 

@@ -208,6 +208,12 @@ def release_accelerator_memory() -> None:
     torch.cuda.empty_cache()
 
 
+def original_path(cfg: dict[str, Any]) -> str:
+    """The run's pre-trained model, ``model.name_or_path`` resolved: what every init's residual is rebuilt from
+    (:mod:`lnull.residual`) and whose tokenizer every stage uses."""
+    return resolve_model(cfg["model"]["name_or_path"], cfg.get("cache_dir"))
+
+
 def load_model(path: str, dtype: str = "float32", device: str | torch.device = "cpu",
                attn_implementation: Optional[str] = None) -> Any:
     """Causal LM from ``path`` in ``dtype`` on ``device``, eval mode; ``attn_implementation`` None =

@@ -1,5 +1,6 @@
 """Stage `train`: fine-tune the model from ``init/`` on the task data (response-only loss) and write
-``train/adapter/`` (plain PEFT LoRA on ``init/base``; ``train/model/`` for full fine-tuning) and
+``train/adapter/`` (plain PEFT LoRA on the init's residual model, ``lnull.residual``; ``train/model/`` for full
+fine-tuning) and
 ``train/metrics.jsonl``.
 
 The parent tokenises once (``examples.safetensors``), then trains in this process, or, with
@@ -19,13 +20,14 @@ from lnull.errors import ConfigError
 from lnull.training.data import EXAMPLES_FILE, build_examples, save_examples
 
 
-def prepare_examples(cfg: dict[str, Any], out_dir: Path, init_dir: Path) -> Path:
-    """Tokenise the task into ``out_dir/examples.safetensors`` unless a previous attempt already did."""
-    from lnull.modeling import load_tokenizer
+def prepare_examples(cfg: dict[str, Any], out_dir: Path) -> Path:
+    """Tokenise the task (the original model's tokenizer) into ``out_dir/examples.safetensors`` unless a
+    previous attempt already did."""
+    from lnull.modeling import load_tokenizer, original_path
 
     path = out_dir / EXAMPLES_FILE
     if not path.exists():
-        save_examples(path, build_examples(cfg, load_tokenizer(str(init_dir / "base"))))
+        save_examples(path, build_examples(cfg, load_tokenizer(original_path(cfg))))
     return path
 
 
@@ -40,7 +42,7 @@ def train_into(cfg: dict[str, Any], out_dir: Path, init_dir: Path) -> dict[str, 
     if cfg["train"]["wandb"] == "online" and not (os.environ.get("WANDB_API_KEY") or _wandb_logged_in()):
         raise ConfigError("train.wandb=online but no wandb key (set WANDB_API_KEY or `wandb login`); "
                           "use train.wandb=offline to log locally")
-    prepare_examples(cfg, out_dir, init_dir)
+    prepare_examples(cfg, out_dir)
     if cfg["accelerate"]:
         from lnull.training.launch import launch
 

@@ -56,7 +56,7 @@ def tiny_base_context(tiny_cfg, tmp_path):
 
     def make(*overrides: str):
         cfg = tiny_cfg(*overrides)
-        model, tok, (base, adapter, identity) = load_for_eval(cfg, RunLayout(cfg), "base", "cpu")
+        model, tok, (base, adapter, identity, _) = load_for_eval(cfg, RunLayout(cfg), "base", "cpu")
         ctx = EvalContext(model, tok, cfg, "base", identity, tmp_path / "work", base, adapter)
         ctx.work_dir.mkdir()
         return cfg, ctx

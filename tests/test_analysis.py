@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from lnull.activations import CalibrationStats
 from lnull.analysis import eigenbasis_desc, projection_profile, relative_change, rho_k, run_analysis
 from lnull.pipeline import run_pipeline
 
@@ -152,7 +153,7 @@ def test_projection_profile_puts_lora_null_in_the_null_space_only(analysed):
         # pa_i is the paper's sum_j |(A U)_ji| for the adapter file's A
         module = "model.layers.1.self_attn.o_proj"
         A = adapter[f"base_model.model.{module}.lora_A.weight"].double()
-        C = load_file(str(folder.parent / "calibration" / "stats.safetensors"))[f"{module}.covariance"]
+        C = CalibrationStats(folder.parent / "calibration").get(module, "covariance")
         pa = (A @ eigenbasis_desc(C)[1]).abs().sum(0)
         torch.testing.assert_close(torch.tensor([float(row["pa_i"]) for row in _profiles(folder)[module]],
                                                 dtype=torch.float64), pa, rtol=1e-5, atol=1e-9)

@@ -326,7 +326,7 @@ def test_a_resumed_training_says_from_which_step(tmp_path, capsys):
     init_dir = run_pipeline(cfg, stages=["init"], log=lambda line: None).view("init")
     out = tmp_path / "train"
     out.mkdir()
-    prepare_examples(cfg, out, init_dir)
+    prepare_examples(cfg, out)
     train_loop(cfg, out, init_dir)  # leaves the step-1 checkpoint (the last step saves none)
     assert "resumed" not in capsys.readouterr().out
     train_loop(cfg, out, init_dir)

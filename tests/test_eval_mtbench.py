@@ -270,39 +270,67 @@ def fake_vllm(monkeypatch):
     return log
 
 
+def _fake_adapter(folder, r: int, b_scale: float, base: str = "/orig/model") -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    key = "base_model.model.model.layers.0.mlp.down_proj"
+    save_file({f"{key}.lora_A.weight": torch.ones(r, 6), f"{key}.lora_B.weight": b_scale * torch.ones(5, r)},
+              str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base, "r": r,
+                                                            "lora_alpha": 2 * r}))
+
+
 def test_vllm_call_mapping(fake_vllm, tiny_cfg, tiny_model, tmp_path):
+    """vLLM loads the original model; a run's trained adapter on a residual init (B0 != 0) goes in as the
+    rank-2r LoRA on the original (lnull.residual.lora_on_original), its init as no LoRA at all."""
+    from safetensors.torch import load_file
+
     run = tmp_path / "run"
-    (run / "init" / "base").mkdir(parents=True)
-    (run / "init" / "base" / "config.json").write_text("{}")
+    _fake_adapter(run / "init" / "adapter", 12, 0.5)  # a residual init: B0 != 0
     adapter = run / "train" / "adapter"
-    adapter.mkdir(parents=True)
-    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/orig/model", "r": 12}))
+    _fake_adapter(adapter, 12, 1.0)
     cfg = tiny_cfg()
     cfg["eval"]["engine"], cfg["eval"]["seed"] = "vllm", 5
     tok = tiny_model[1]
     from lnull.evaluate import model_source
     from lnull.layout import RunLayout
 
-    base, adapter_path, identity = model_source(RunLayout(cfg), str(adapter))  # a run's adapter: its residual base
-    ctx = EvalContext(None, tok, cfg, "trained", identity, tmp_path / "work", base, adapter_path)
+    source = model_source(RunLayout(cfg), str(adapter))  # a run's adapter: on its residual model
+    assert source.init_adapter == str(run / "init" / "adapter") and source.base == "/orig/model"
+    ctx = EvalContext(None, tok, cfg, "trained", source.identity, tmp_path / "work", source.base, source.adapter,
+                      source.init_adapter)
     outs = ctx.generate(["hello world", "abc"], 7, stop=[" STOP"], temperature=0.7, top_p=0.9, max_length=10)
     assert outs == ["out0", "out1"]
     (init_kwargs,) = fake_vllm["llm"]
-    assert init_kwargs["model"] == str(run / "init" / "base")  # the residual base, not /orig/model
-    assert init_kwargs["enable_lora"] and init_kwargs["max_lora_rank"] == 16 and init_kwargs["dtype"] == "float32"
+    assert init_kwargs["model"] == "/orig/model"  # the original: the residual model is never on disk
+    assert init_kwargs["enable_lora"] and init_kwargs["max_lora_rank"] == 32 and init_kwargs["dtype"] == "float32"
     (call,) = fake_vllm["generate"]
     ids = [[tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"] for p in ["hello world", "abc"]]
     assert call["prompts"] == [{"prompt_token_ids": x} for x in ids]
     assert [p.kwargs for p in call["params"]] == [
         {"temperature": 0.7, "top_p": 0.9, "max_tokens": min(7, 10 - len(x)), "stop": [" STOP"], "seed": 5 + i}
         for i, x in enumerate(ids)]
-    assert call["lora"].args == (str(adapter), 1, str(adapter))
+    converted = tmp_path / "work" / "lora_on_original"
+    assert call["lora"].args == (str(converted), 1, str(converted))
+    tensors = load_file(str(converted / "adapter_model.safetensors"))
+    B = tensors["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"]
+    assert B.shape == (5, 24) and bool((B[:, :12] == 1).all()) and bool((B[:, 12:] == -0.5).all())
+    # the init itself: W_res + s B0 A0 = W0, so the original model without LoRA
+    init = EvalContext(None, tok, cfg, "init", str(run / "init" / "adapter"), tmp_path / "work2", "/orig/model",
+                       str(run / "init" / "adapter"), str(run / "init" / "adapter"))
+    init.generate(["abc"], 3)
+    assert fake_vllm["generate"][-1]["lora"] is None and "enable_lora" not in fake_vllm["llm"][-1]
+    # a run initialised before residuals were rebuilt on load keeps its stored base folder
+    (run / "init" / "base").mkdir()
+    (run / "init" / "base" / "config.json").write_text("{}")
+    assert model_source(RunLayout(cfg), str(adapter)) == (str(run / "init" / "base"), str(adapter), str(adapter), None)
     # a plain model folder: a new engine without LoRA, greedy, no BOS when add_bos is off
     cfg["model"]["add_bos"] = False
-    plain = EvalContext(None, tok, cfg, "base", str(run / "init" / "base"), tmp_path / "work",
-                        str(run / "init" / "base"))
+    plain = EvalContext(None, tok, cfg, "base", "/other/model", tmp_path / "work", "/other/model")
     plain.generate(["abc"], 3)
-    assert len(fake_vllm["llm"]) == 2 and "enable_lora" not in fake_vllm["llm"][1]
+    assert len(fake_vllm["llm"]) == 3 and "enable_lora" not in fake_vllm["llm"][2]
     last = fake_vllm["generate"][-1]
     assert last["lora"] is None and last["prompts"] == [{"prompt_token_ids": ids[1][1:]}]
     assert last["params"][0].kwargs == {"temperature": 0.0, "top_p": 1.0, "max_tokens": 3, "stop": None, "seed": 5}

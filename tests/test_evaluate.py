@@ -73,15 +73,17 @@ def test_a_runs_adapter_folder_scores_as_the_trained_model(tiny_cfg):
     import torch
 
     from lnull.evaluate import load_for_eval
+    from lnull.modeling import original_path
 
     cfg = tiny_cfg("method=pissa", "train.lr=1e-2")
     run = run_pipeline(cfg, stages=["calibrate", "init", "train"])
     adapter = run.dir / "train" / "adapter"
-    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
-        (run.dir / "init" / "base").resolve())
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == original_path(cfg)
     ids = torch.arange(3, 40).unsqueeze(0)
     trained, _, _ = load_for_eval(cfg, run, "trained", "cpu")
-    by_path, _, (_, _, identity) = load_for_eval(cfg, run, str(adapter), "cpu")
+    by_path, _, source = load_for_eval(cfg, run, str(adapter), "cpu")
+    identity = source.identity
+    assert source.init_adapter == str(run.dir / "init" / "adapter")  # PiSSA's residual model, rebuilt
     original, _, _ = load_for_eval(cfg, run, "base", "cpu")
     with torch.no_grad():
         want, got, orig = (m(input_ids=ids).logits for m in (trained, by_path, original))
@@ -108,5 +110,6 @@ def test_weights_are_loaded_only_when_a_scorer_runs_the_model_here(tiny_cfg, tmp
     assert needs_weights([gen], hf) and needs_weights([harness], vllm) and needs_weights([code, gen], bigcode)
     assert not needs_weights([gen, code], vllm) and not needs_weights([code], bigcode)
     cfg = tiny_cfg()
-    model, tokenizer, (_, _, identity) = load_for_eval(cfg, RunLayout(cfg), "base", "cpu", weights=False)
+    model, tokenizer, source = load_for_eval(cfg, RunLayout(cfg), "base", "cpu", weights=False)
+    identity = source.identity
     assert model is None and tokenizer is not None and identity.endswith("tiny-llama")

@@ -16,6 +16,7 @@ from lnull.config import ConfigError
 from lnull.export import PROBE, export_run, is_residual
 from lnull.modeling import resolve_model
 from lnull.pipeline import run_pipeline
+from lnull.residual import load_residual_model
 from lnull.tiny import TINY_ID
 
 RANK, ALPHA = 4, 8
@@ -57,13 +58,13 @@ def _logits(model, ids):
 
 @torch.no_grad()
 def _trained_logits(run_dir, ids):
-    """The trained model as training left it: PeftModel(init/base, train/adapter), or train/model."""
+    """The trained model as training left it: PeftModel(residual model, train/adapter), or train/model."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     if (run_dir / "train" / "model").exists():
         return _logits(AutoModelForCausalLM.from_pretrained(run_dir / "train" / "model", dtype=torch.float32), ids)
-    base = AutoModelForCausalLM.from_pretrained(run_dir / "init" / "base", dtype=torch.float32)
+    base = load_residual_model(resolve_model(TINY_ID), run_dir / "init" / "adapter", "float32")
     model = PeftModel.from_pretrained(base, run_dir / "train" / "adapter")
     if (run_dir / "init" / "adapter" / "oplora_projections.safetensors").exists():
         from lnull.methods.oplora import attach_projections  # no-op on the baked adapter train/ writes
@@ -142,9 +143,36 @@ def test_lora_on_original_is_rank_2r_for_residual_inits_and_points_at_the_origin
 def test_residual_base_really_differs_from_the_original_only_for_residual_inits(runs):
     original = load_file(str(resolve_model(TINY_ID) + "/model.safetensors"))
     for method, residual in METHODS.items():
-        base = load_file(str(runs[method] / "init" / "base" / "model.safetensors"))
-        moved = max(float((base[k] - original[k]).abs().max()) for k in original)
+        adapter = runs[method] / "init" / "adapter"
+        base = load_residual_model(resolve_model(TINY_ID), adapter if adapter.exists() else None, "float32")
+        moved = max(float((base.state_dict()[k] - original[k]).abs().max()) for k in original)
         assert (moved > 1e-6) is residual, (method, moved)
+
+
+@pytest.mark.parametrize("method", ["lora_null_v1", "pissa", "lora"])
+def test_lnulls_lora_on_original_equals_peft_conversion(runs, method, tmp_path):
+    """``lnull.residual.lora_on_original`` (what vLLM evaluation loads; no model needed) writes PEFT's own
+    ``path_initial_model_for_weight_conversion`` result (export) tensor for tensor, for a residual init, and
+    for a B0 = 0 init a rank-2r adapter whose extra half contributes nothing (B0 = 0)."""
+    from lnull.residual import lora_on_original
+
+    run = runs[method]
+    ours_dir = lora_on_original(run / "train" / "adapter", run / "init" / "adapter", tmp_path / "converted",
+                                resolve_model(TINY_ID))
+    ours = load_file(str(ours_dir / "adapter_model.safetensors"))
+    config = json.loads((ours_dir / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (2 * RANK, 2 * ALPHA)
+    assert config["base_model_name_or_path"] == resolve_model(TINY_ID)
+    if METHODS[method]:
+        peft = load_file(str(run / "export" / "lora_on_original" / "adapter_model.safetensors"))
+        assert ours.keys() == peft.keys()
+        for key in peft:
+            assert torch.equal(ours[key], peft[key]), key
+    else:
+        trained = load_file(str(run / "train" / "adapter" / "adapter_model.safetensors"))
+        for key, value in ours.items():
+            if ".lora_B." in key:
+                assert torch.equal(value[:, :RANK], trained[key]) and not value[:, RANK:].any(), key
 
 
 def test_export_is_cached_per_training_and_needs_train_first(runs, tmp_path):

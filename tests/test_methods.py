@@ -73,14 +73,18 @@ def _adapter(init_dir: Path, module: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_reload_reproduces_original_logits(method, tiny_inits, original):
+    """The init folder holds the adapter and records only; the residual model rebuilt from the original weights
+    (lnull.residual) plus the adapter gives the original outputs."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    from lnull.modeling import target_linears
+    from lnull.modeling import resolve_model, target_linears
+    from lnull.residual import load_residual_model
+    from lnull.tiny import TINY_ID
 
     init_dir = tiny_inits.get(method)
-    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(init_dir / "base"),
-                                         init_dir / "adapter").eval()
+    assert not list(init_dir.glob("**/model*.safetensors"))  # no stored copy of the model
+    residual = load_residual_model(resolve_model(TINY_ID), init_dir / "adapter", "float32")
+    reloaded = PeftModel.from_pretrained(residual, init_dir / "adapter").eval()
     ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         diff = (reloaded(input_ids=ids).logits - original(input_ids=ids).logits).abs().max()
@@ -153,9 +157,11 @@ def test_lora_null_adapter_lies_in_the_activation_null_space(method, tiny_inits,
 
 @pytest.mark.parametrize("method", ["lora_fa", "lora_null_v2"])
 def test_frozen_a_is_unchanged_by_an_optimiser_step(method, tiny_inits):
+    from lnull.modeling import resolve_model
+    from lnull.tiny import TINY_ID
     from lnull.training.model import load_trainable
 
-    model, info = load_trainable(tiny_inits.get(method), "float32")
+    model, info = load_trainable(tiny_inits.get(method), resolve_model(TINY_ID), "float32")
     assert info["frozen"] == ["lora_A"]
     model.train()
     named = dict(model.named_parameters())

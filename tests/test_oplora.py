@@ -46,9 +46,12 @@ def init_dir(tmp_path_factory, original) -> Path:
 
 def _load(init_dir: Path, adapter: Path | None = None, trainable: bool = False):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(init_dir / "base")
+    from lnull.modeling import resolve_model
+    from lnull.residual import load_residual_model
+    from lnull.tiny import TINY_ID
+
+    base = load_residual_model(resolve_model(TINY_ID), init_dir / "adapter", "float32")
     return PeftModel.from_pretrained(base, adapter or init_dir / "adapter", is_trainable=trainable).eval()
 
 
@@ -215,8 +218,10 @@ def test_oplora_trained_adapter_preserves_top_k_through_the_pipeline(tmp_path):
                    "method.k=8", "train.max_steps=3", "train.lr=0.05", "eval.models=[trained]", "eval.limit=2"])
     run_pipeline(cfg, log=lambda m: None)
     original = load_model(resolve_model(TINY_ID))
-    trained = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "init" / "base"),
-                                        tmp_path / "train" / "adapter").merge_and_unload()
+    adapter = tmp_path / "train" / "adapter"
+    recorded = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == resolve_model(TINY_ID)  # OPLoRA's residual is W0: the adapter goes on the original as it is
+    trained = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(recorded), adapter).merge_and_unload()
     name = "model.layers.0.mlp.down_proj"
     W0 = original.get_submodule(name).weight.detach().double()
     W = trained.get_submodule(name).weight.detach().double()

@@ -56,7 +56,7 @@ def test_every_readme_command_composes(command, capsys, monkeypatch):
     name, overrides = words[0], words[1:]
     assert name in CLI_COMMANDS, command
     if name == "store":
-        assert overrides and overrides[0] in ("ls", "gc"), command
+        assert overrides and overrides[0] in ("ls", "du", "gc"), command
         overrides = [o for o in overrides[1:] if not o.startswith("--")]
     if "--from" in overrides:
         pytest.skip("runs a run folder's own config.yaml (tests/test_integrity.py runs it)")

@@ -18,7 +18,6 @@ from lnull.pipeline import run_pipeline
 EXPECTED_TREE = [
     "config.yaml", "provenance.json",
     "calibration/stats.safetensors", "calibration/meta.json", "calibration/complete.json",
-    "init/base/config.json", "init/base/model.safetensors", "init/base/tokenizer.json",
     "init/adapter/adapter_config.json", "init/adapter/adapter_model.safetensors", "init/adapter/lnull_method.json",
     "init/report.json", "init/complete.json",
     "train/adapter/adapter_model.safetensors", "train/metrics.jsonl", "train/complete.json",
@@ -47,6 +46,9 @@ def test_tiny_end_to_end_killed_after_init_resumes(tmp_path):
     assert (run_dir / "calibration" / "stats.safetensors").stat().st_mtime_ns == calib_mtime
     for rel in EXPECTED_TREE:
         assert (run_dir / rel).is_file(), rel
+    init_files = {p.relative_to(run_dir / "init").as_posix() for p in (run_dir / "init").rglob("*") if p.is_file()}
+    assert init_files == {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/README.md",
+                          "adapter/lnull_method.json", "lnull_method.json", "report.json", "complete.json"}, init_files
     for view in ("calibration", "init", "train"):  # views of the store, beside the run folder
         assert (run_dir / view).is_symlink() and (run_dir / view).resolve().parent.parent == tmp_path / "store"
     assert not list(run_dir.glob("*.partial")) and not list((tmp_path / "store").glob("*/*.partial"))

@@ -116,14 +116,14 @@ def finished_tiny_run(tmp_path_factory):
 
 def test_lora_init_reproduces_the_original_logits_after_reload(finished_tiny_run):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     from lnull.layout import default_run_dir
+    from lnull.residual import load_residual_model
 
     run_dir = default_run_dir(finished_tiny_run)
     original = load_model(resolve_model(TINY_ID))
-    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run_dir / "init" / "base"),
-                                         run_dir / "init" / "adapter").eval()
+    reloaded = PeftModel.from_pretrained(load_residual_model(resolve_model(TINY_ID), run_dir / "init" / "adapter",
+                                                             "float32"), run_dir / "init" / "adapter").eval()
     ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         diff = (reloaded(input_ids=ids).logits - original(input_ids=ids).logits).abs().max()
@@ -196,4 +196,4 @@ def test_init_checks_every_layer_before_any_work(tiny_cfg, tmp_path):
         initialize.build(tiny_cfg("method.rank=65"), tmp_path, None)
     with pytest.raises(ConfigError, match="needs calibration stats"):
         initialize.build(tiny_cfg("method=lora_null_v2"), tmp_path, None)
-    assert not (tmp_path / "base").exists()
+    assert not list(tmp_path.iterdir())

@@ -42,7 +42,7 @@ def _init(calibrated, method: str, *overrides: str) -> tuple[dict, Path]:
 
     cfg = _cfg(calibrated.root, method, *overrides)
     init_dir = calibrated.root / method / "init"
-    if not (init_dir / "base").exists():
+    if not (init_dir / "report.json").exists():
         init_dir.mkdir(parents=True)
         initialize.build(cfg, init_dir, calibrated.calib)
     return cfg, init_dir
@@ -84,14 +84,23 @@ def test_every_method_learns_and_keeps_its_frozen_parts(method, calibrated):
 
 
 def test_base_weights_are_untouched_by_adapter_training(calibrated):
+    """The trained adapter sits on the residual model rebuilt from the original (its recorded base) and
+    init/adapter; that model's weights are the ones training held frozen, bit for bit."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+
+    from lnull.modeling import original_path
+    from lnull.residual import load_residual_model
 
     cfg, init_dir = _init(calibrated, "lora_null_v1")
     out = calibrated.root / "base-check" / "train"
     _train(cfg, init_dir, out)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(init_dir / "base"), out / "adapter")
-    base = _tensors(init_dir / "base")
+    recorded = json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == original_path(cfg)
+    residual = load_residual_model(recorded, init_dir / "adapter", "float32")
+    base = {k: v.clone() for k, v in residual.state_dict().items()}
+    original = load_residual_model(recorded, None, "float32").state_dict()
+    assert any(not torch.equal(base[k], original[k]) for k in base)  # LoRA-Null v1 moves weight out of W0
+    model = PeftModel.from_pretrained(residual, out / "adapter")
     for name, param in model.get_base_model().named_parameters():
         if "lora_" in name:
             continue
@@ -297,10 +306,11 @@ def test_a_worker_error_reaches_the_parent_as_one_line(calibrated, monkeypatch):
 
 
 def test_attention_and_clipping_options_take_effect(calibrated):
+    from lnull.modeling import original_path
     from lnull.training.model import load_trainable
 
     cfg, init_dir = _init(calibrated, "lora", "train.max_steps=2")
-    model, _ = load_trainable(init_dir, "float32", "eager")
+    model, _ = load_trainable(init_dir, original_path(cfg), "float32", "eager")
     assert model.get_base_model().config._attn_implementation == "eager"
     runs = {}
     for clip in ("null", "1e-4"):

@@ -78,17 +78,18 @@ def test_a_bf16_adapter_is_saved_in_fp32(tmp_path):
 
     from peft import PeftModel
 
-    from lnull.modeling import load_model
+    from lnull.modeling import load_model, original_path
     from lnull.training.loop import _save_result
     from lnull.training.model import ResponseLoss
 
     cfg = _cfg(tmp_path, "method=lora")
     init_dir = _init(cfg, tmp_path / "init")
-    model = PeftModel.from_pretrained(load_model(str(init_dir / "base")), str(init_dir / "adapter"),
+    model = PeftModel.from_pretrained(load_model(original_path(cfg)), str(init_dir / "adapter"),
                                       is_trainable=True).to(torch.bfloat16)  # as DeepSpeed's bf16 engine holds it
     accelerator = SimpleNamespace(wait_for_everyone=lambda: None, state=SimpleNamespace(deepspeed_plugin=None),
                                   unwrap_model=lambda m: m, is_main_process=True)
-    _save_result(accelerator, ResponseLoss(model), {"adapter": True}, init_dir, tmp_path / "out", "bfloat16")
+    _save_result(accelerator, ResponseLoss(model), {"adapter": True}, init_dir, tmp_path / "out", original_path(cfg),
+                 "bfloat16")
     saved = load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
     initial = load_file(str(init_dir / "adapter" / "adapter_model.safetensors"))
     assert saved.keys() == initial.keys() and {v.dtype for v in saved.values()} == {torch.float32}
@@ -191,14 +192,14 @@ def test_vllm_gets_its_memory_share_and_is_built_while_no_hf_copy_is_held(tmp_pa
         built.append({**kwargs, "hf_alive": sum(r() is not None for r in hf_models)})
 
     _fake_vllm(monkeypatch, on_build)
-    real_load = evaluate.load_model
+    real_load = evaluate.load_residual_model
 
     def load(*args, **kwargs):
         model = real_load(*args, **kwargs)
         hf_models.append(weakref.ref(model))
         return model
 
-    monkeypatch.setattr(evaluate, "load_model", load)
+    monkeypatch.setattr(evaluate, "load_residual_model", load)
     from lnull.evaluate import vllm_engine
 
     monkeypatch.setattr(vllm_engine, "_ENGINE", {})

@@ -15,46 +15,62 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from lnull.errors import ConfigError
 from lnull.evaluate.base import EvalContext
 from lnull.evaluate.registry import LM_EVAL_KINDS, RUN_MODELS, SCORER_VERSIONS, check_benchmark_inputs, scorer
 from lnull.io import atomic_write_json, stable_hash
-from lnull.modeling import (load_model, load_tokenizer, model_fingerprint, pick_device, release_accelerator_memory,
-                            resolve_model)
+from lnull.modeling import (load_tokenizer, model_fingerprint, original_path, pick_device,
+                            release_accelerator_memory, resolve_model)
 from lnull.records import ModelIdentity, ResultRecord, ScorerIdentity, lineage, record_digest, validate
+from lnull.residual import load_residual_model
 
 # Records whose value is a percentage of n independent items: their stderr is the binomial one.
 PROPORTION_KINDS = ("math", "code", "qa_exact_match")
 
 
-def model_source(layout: Any, which: str) -> tuple[str, Optional[str], str]:
-    """(base model folder or hub name, PEFT adapter folder or None, identity) of ``which``: base | init |
-    trained of the layout's run, a model folder, a PEFT adapter folder (a run's ``init/adapter`` or
-    ``train/adapter`` on that run's ``init/base``, any other on its ``base_model_name_or_path``) or a hub name."""
+class ModelSource(NamedTuple):
+    """Where the weights of a scored model come from. ``base``: model folder or hub name; ``adapter``: PEFT
+    adapter folder loaded on it (None without one); ``identity``: the folder (or hub name) the weights came
+    from; ``init_adapter``: the run's ``init/adapter`` whose s B0 A0 is subtracted from ``base`` first (the
+    residual model, :mod:`lnull.residual`), None when ``base`` is used as it is."""
+
+    base: str
+    adapter: Optional[str]
+    identity: str
+    init_adapter: Optional[str] = None
+
+
+def model_source(layout: Any, which: str) -> ModelSource:
+    """The :class:`ModelSource` of ``which``: base | init | trained of the layout's run, a model folder, a PEFT
+    adapter folder (a run's ``init/adapter`` or ``train/adapter`` goes on that run's residual model, any other
+    on its ``base_model_name_or_path``) or a hub name."""
     cfg = layout.cfg
     if which not in RUN_MODELS:
         path = resolve_model(which, cfg.get("cache_dir"))
         adapter_cfg = Path(path) / "adapter_config.json"
         if not adapter_cfg.exists():
-            return path, None, path
-        run_base = Path(path).resolve().parent.parent / "init" / "base"  # a run's init/ or train/ adapter
-        base = str(run_base) if (run_base / "config.json").exists() else \
-            json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
-        return base, path, path
+            return ModelSource(path, None, path)
+        recorded = json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
+        run_init = Path(path).absolute().parent.parent / "init"  # the run's (or its store entry's) init
+        if (run_init / "base" / "config.json").exists():  # initialised before residuals were rebuilt on load
+            return ModelSource(str(run_init / "base"), path, path)
+        init_adapter = run_init / "adapter"
+        return ModelSource(recorded, path, path, str(init_adapter) if init_adapter.is_dir() else None)
+    original = original_path(cfg)
     if which == "base":
-        path = resolve_model(cfg["model"]["name_or_path"], cfg.get("cache_dir"))
-        return path, None, path
+        return ModelSource(original, None, original)
     init = layout.input("init")
+    adapter = init / "adapter"
     if which == "trained":
         train = layout.input("train")
         if (train / "model").exists():
-            return str(train / "model"), None, str(train / "model")
-        return str(init / "base"), str(train / "adapter"), str(train / "adapter")
-    adapter = init / "adapter"
-    return (str(init / "base"), str(adapter), str(adapter)) if adapter.exists() else \
-        (str(init / "base"), None, str(init / "base"))
+            return ModelSource(str(train / "model"), None, str(train / "model"))
+        return ModelSource(original, str(train / "adapter"), str(train / "adapter"), str(adapter))
+    if not adapter.exists():  # full fine-tuning starts from the original model itself
+        return ModelSource(original, None, original)
+    return ModelSource(original, str(adapter), str(adapter), str(adapter))
 
 
 def scored_key(layout: Any, which: str) -> str:
@@ -118,22 +134,24 @@ def scorer_version(kind: str) -> str:
 
 
 def load_for_eval(cfg: dict[str, Any], layout: Any, which: str, device, weights: bool = True
-                  ) -> tuple[Any, Any, tuple[str, Optional[str], str]]:
-    """(model, tokenizer, (base, adapter, identity)) for ``which`` (see :func:`model_source`); model None when
-    not ``weights`` (vLLM or the bigcode harness load the folders themselves)."""
+                  ) -> tuple[Any, Any, ModelSource]:
+    """(model, tokenizer, :class:`ModelSource`) for ``which`` (see :func:`model_source`); model None when not
+    ``weights`` (vLLM or the bigcode harness load the folders themselves)."""
     from lnull.methods import attach
 
-    base, adapter, identity = model_source(layout, which)
+    source = model_source(layout, which)
+    base, adapter = source.base, source.adapter
     tokenizer = load_tokenizer(base)
     if not weights:
-        return None, tokenizer, (base, adapter, identity)
-    model = load_model(base, cfg["model"]["dtype"], device)
+        return None, tokenizer, source
+    model = load_residual_model(base, source.init_adapter and Path(source.init_adapter), cfg["model"]["dtype"],
+                                device)
     if adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter).eval()
         attach(model, Path(adapter))  # a method's hooks, if the adapter was saved without them baked in
-    return model, tokenizer, (base, adapter, identity)
+    return model, tokenizer, source
 
 
 def needs_weights(benches: list[dict[str, Any]], ev: dict[str, Any]) -> bool:
@@ -238,10 +256,11 @@ def run(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
                         if weights:
                             _release_vllm()
                         loaded = load_for_eval(cfg, layout, which, device, weights)
-                    base, adapter, ident = loaded[2]
+                    source = loaded[2]
                     work = store.record_work(key)
                     work.mkdir(parents=True, exist_ok=True)
-                    ectx = EvalContext(loaded[0], loaded[1], cfg, which, ident, work, base, adapter)
+                    ectx = EvalContext(loaded[0], loaded[1], cfg, which, source.identity, work, source.base,
+                                       source.adapter, source.init_adapter)
                     stored = score_one(name, bench, ectx, key, identity)
                     store.write_record(key, stored)
                     counts["scored"] += 1

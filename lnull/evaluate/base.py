@@ -28,7 +28,9 @@ class EvalContext:
 
     ``which``: base | init | trained | a model path; ``identity``: the folder (or hub name) the weights
     came from (the adapter folder when there is one); ``base_path`` / ``adapter_path``: the model folder (or
-    hub name) and the PEFT adapter folder loaded on it (None without one); ``work_dir``: the record's scratch
+    hub name) and the PEFT adapter folder loaded on it (None without one); ``init_adapter_path``: the run's
+    ``init/adapter`` whose s B0 A0 the weights of ``base_path`` lose first (the residual model, ``lnull.residual``;
+    None: ``base_path`` as it is); ``work_dir``: the record's scratch
     folder in the store (kept when a run is killed, so scorers may cache generations there).
     """
 
@@ -40,6 +42,7 @@ class EvalContext:
     work_dir: Path
     base_path: str = ""
     adapter_path: Optional[str] = None
+    init_adapter_path: Optional[str] = None
     timings: dict[str, float] = field(default_factory=dict)
 
     @property

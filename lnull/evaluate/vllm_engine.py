@@ -3,10 +3,10 @@
 vLLM loads a plain model folder (or hub name).  Which folder and which LoRA adapter, per ``ctx``:
 
 - ``base``, a model folder, ``trained`` with a full fine-tune (``train/model``): that folder, no LoRA.
-- ``init`` / ``trained`` of a run (``<run>/init/adapter``, ``<run>/train/adapter``): the run's residual
-  base ``<run>/init/base`` (a plain HF folder written by ``lnull init``) plus the adapter as a
-  ``LoRARequest`` (init/adapter records the *original* model as ``base_model_name_or_path``, whose
-  weights are not the residual ones the adapter was initialised against), so the run folder decides.
+- ``init`` / ``trained`` of a run (``<run>/init/adapter``, ``<run>/train/adapter``): the residual model is
+  never on disk (``lnull.residual``), so vLLM gets the original model plus the same model as one LoRA on it
+  (``lora_on_original``: rank 2r, written once into the record's work folder) when the init moved weight
+  (B0 != 0), else the adapter itself; ``init`` of a residual method is the original model, no LoRA.
 - any other PEFT adapter folder: its ``base_model_name_or_path`` plus the adapter as a ``LoRARequest``.
 
 Prompts go in as token ids (tokenised with ``ctx.tokenizer`` without special tokens, BOS prepended when
@@ -35,11 +35,17 @@ _VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 def model_and_adapter(ctx: Any) -> tuple[str, Optional[str], int]:
     """(plain model folder or hub name for vLLM, PEFT adapter folder or None, adapter rank or 0)."""
     from lnull.methods import needs_hooks
+    from lnull.residual import initial_factors, lora_on_original
 
     base, adapter = ctx.base_path, ctx.adapter_path
     if adapter is not None and needs_hooks(Path(adapter)):
         raise ConfigError(f"eval.engine=vllm cannot apply the hooks the adapter {adapter} needs (an unbaked "
                           "OPLoRA adapter); use eval.engine=hf")
+    if adapter is not None and ctx.init_adapter_path is not None and initial_factors(ctx.init_adapter_path)[0]:
+        if Path(adapter).resolve() == Path(ctx.init_adapter_path).resolve():
+            return base, None, 0  # W_res + s B0 A0 = W0: the initial model is the original
+        adapter = str(lora_on_original(Path(adapter), Path(ctx.init_adapter_path),
+                                       Path(ctx.work_dir) / "lora_on_original", base))
     if adapter is None:
         return base, None, 0
     conf = json.loads((Path(adapter) / "adapter_config.json").read_text())

@@ -19,6 +19,7 @@ from lnull.errors import ConfigError
 from lnull.config import accumulation_steps, launch_processes
 from lnull.training import checkpoint
 from lnull.training.data import EXAMPLES_FILE, collate, load_examples, step_plan, total_steps
+from lnull.modeling import DTYPES, load_tokenizer, original_path
 from lnull.training.model import ResponseLoss, assert_frozen, compute_autocast, load_trainable
 
 METRICS_FILE = "metrics.jsonl"
@@ -80,7 +81,7 @@ def train_loop(cfg: dict[str, Any], out_dir: Path, init_dir: Path) -> dict[str, 
     examples = load_examples(out_dir / EXAMPLES_FILE)
     lengths = [len(e["input_ids"]) for e in examples]
     steps = total_steps(len(examples), tcfg)
-    model, info = load_trainable(init_dir, cfg["model"]["dtype"], tcfg["attn_implementation"])
+    model, info = load_trainable(init_dir, original_path(cfg), cfg["model"]["dtype"], tcfg["attn_implementation"])
     if tcfg["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = assert_frozen(model, info)
@@ -100,7 +101,7 @@ def train_loop(cfg: dict[str, Any], out_dir: Path, init_dir: Path) -> dict[str, 
         _truncate_metrics(metrics, state["step"])
     if tcfg["wandb"] != "disabled":
         accelerator.init_trackers(tcfg["wandb_project"], config=cfg)
-    pad_id = _pad_id(init_dir)
+    pad_id = load_tokenizer(original_path(cfg)).pad_token_id
     device = accelerator.device
     bar = tqdm(total=steps, initial=state["step"], desc=f"train {info['method']}", unit="step",
                disable=not (cfg["progress"] and accelerator.is_main_process))
@@ -143,7 +144,7 @@ def train_loop(cfg: dict[str, Any], out_dir: Path, init_dir: Path) -> dict[str, 
                             {**state, "seconds": state["seconds"] + time.perf_counter() - start})
     bar.close()
     seconds = state["seconds"] + time.perf_counter() - start
-    _save_result(accelerator, wrapped, info, init_dir, out_dir, cfg["model"]["dtype"])
+    _save_result(accelerator, wrapped, info, init_dir, out_dir, original_path(cfg), cfg["model"]["dtype"])
     accelerator.end_training()
     log = [json.loads(l) for l in metrics.read_text().splitlines()] if metrics.exists() else []
     return {"steps": steps, "trainable_params": trainable, "processes": accelerator.num_processes,
@@ -154,14 +155,8 @@ def train_loop(cfg: dict[str, Any], out_dir: Path, init_dir: Path) -> dict[str, 
             "tokens_per_s": round(state["tokens"] / seconds, 2) if seconds else None}
 
 
-def _pad_id(init_dir: Path) -> int:
-    from lnull.modeling import load_tokenizer
-
-    return load_tokenizer(str(init_dir / "base")).pad_token_id
-
-
 def _save_result(accelerator: Any, wrapped: Any, info: dict[str, Any], init_dir: Path, out_dir: Path,
-                 dtype: str = "float32") -> None:
+                 original: str, dtype: str = "float32") -> None:
     """Rank 0 writes ``adapter/`` (plain PEFT LoRA, a method's hooks baked in) or ``model/`` (no adapter).
     Under ZeRO-3 the live parameters are shards: every rank joins the gather, rank 0 writes.
 
@@ -171,7 +166,6 @@ def _save_result(accelerator: Any, wrapped: Any, info: dict[str, Any], init_dir:
     import contextlib
 
     from lnull.methods import bake
-    from lnull.modeling import DTYPES, load_tokenizer
 
     accelerator.wait_for_everyone()
     plugin = accelerator.state.deepspeed_plugin
@@ -185,7 +179,7 @@ def _save_result(accelerator: Any, wrapped: Any, info: dict[str, Any], init_dir:
                 model.to(DTYPES[dtype])  # trained as fp32 master weights; saved in model.dtype
             model.save_pretrained(target, state_dict={k.removeprefix("model."): _cast(v, DTYPES[dtype])
                                                       for k, v in state.items()} if state is not None else None)
-            load_tokenizer(str(init_dir / "base")).save_pretrained(target)
+            load_tokenizer(original).save_pretrained(target)
         return
     gather = contextlib.nullcontext()
     if zero3:
@@ -196,8 +190,8 @@ def _save_result(accelerator: Any, wrapped: Any, info: dict[str, Any], init_dir:
     with gather:
         if accelerator.is_main_process:
             bake(model, init_dir / "adapter")  # a method's hooks folded into plain LoRA weights
-            # the adapter belongs on the residual base (PEFT would otherwise record the original model)
-            model.peft_config["default"].base_model_name_or_path = str((init_dir / "base").resolve())
+            # on the residual model of init/adapter, rebuilt from this original (lnull.residual)
+            model.peft_config["default"].base_model_name_or_path = original
             model.save_pretrained(target, state_dict=_adapter_state_fp32(model))
 
 

@@ -11,13 +11,15 @@ import torch.nn.functional as F
 from lnull.errors import ConfigError
 from lnull.data.prompts import IGNORE_INDEX
 from lnull.methods import METHOD_FILE, attach
-from lnull.modeling import load_model
+from lnull.residual import load_residual_model
 
 
-def load_trainable(init_dir: Path, dtype: str, attn_implementation: str = "sdpa") -> tuple[Any, dict[str, Any]]:
+def load_trainable(init_dir: Path, original: str, dtype: str, attn_implementation: str = "sdpa"
+                   ) -> tuple[Any, dict[str, Any]]:
     """Model from ``init/`` (on CPU) with the method's freezing rule applied; returns (model, method info).
 
-    Adapter methods: ``init/base`` + ``init/adapter`` through PEFT, base weights frozen, and the adapter parts
+    Adapter methods: the residual model (the ``original`` weights minus s B0 A0 of ``init/adapter``, rebuilt on
+    the CPU: :mod:`lnull.residual`) + ``init/adapter`` through PEFT, base weights frozen, and the adapter parts
     named in ``lnull_method.json`` (``frozen``, e.g. ``["lora_A"]`` for LoRA-Null v2 and LoRA-FA) frozen too;
     a method's hooks (``lnull.methods.attach``: OPLoRA's projections) are closures, never parameters. Without
     an adapter (full fine-tuning) every weight trains, and is loaded in fp32 whatever ``dtype``: these are the
@@ -26,13 +28,14 @@ def load_trainable(init_dir: Path, dtype: str, attn_implementation: str = "sdpa"
     Adapter methods keep the frozen base in ``dtype`` (PEFT holds the LoRA weights in fp32).
     """
     info = json.loads((init_dir / METHOD_FILE).read_text())
-    model = load_model(str(init_dir / "base"), dtype if info["adapter"] else "float32", "cpu", attn_implementation)
+    adapter = init_dir / "adapter"
+    model = load_residual_model(original, adapter if info["adapter"] else None,
+                                dtype if info["adapter"] else "float32", "cpu", attn_implementation)
     if not info["adapter"]:
         model.requires_grad_(True)
         return model, info
     from peft import PeftModel
 
-    adapter = init_dir / "adapter"
     model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
     attach(model, adapter)
     # PEFT re-enables grads on every LoRA part in from_pretrained(is_trainable): freeze after it.
