@@ -167,15 +167,15 @@ class GroupCollector:
         self.tokens: dict[str, int] = {}
         self.samples: dict[str, int] = {}
         self.stop_after = stop_after
+        self._zero_peak: dict[str, torch.Tensor] = {}  # device flags, read once per group (no sync per batch)
         self._handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
 
     def _hook(self, name: str):
         def hook(_module, inputs, _output):
             x = inputs[0].detach().float()
             peak = x.amax(dim=(1, 2))  # per sample: the signed max, as torch.max(x) in PEFT / the official code
-            if (peak == 0).any():
-                raise ConfigError(f"{name}: a calibration sample's max activation is 0; the per-sample "
-                                  "normalisation (x / |max(x)|) is undefined")
+            zero = (peak == 0).any()
+            self._zero_peak[name] = zero if name not in self._zero_peak else self._zero_peak[name] | zero
             for b in range(x.shape[0]):
                 prod = x[b].T @ x[b]
                 self.acc.add((name, "covariance"), prod)
@@ -185,6 +185,14 @@ class GroupCollector:
             if name == self.stop_after:
                 raise _StopForward
         return hook
+
+    def check(self) -> None:
+        """ConfigError naming the first module one of whose samples had max activation 0 (checked once per
+        group, before its statistics are written: a check per batch would make the host wait for the GPU)."""
+        for name, zero in self._zero_peak.items():
+            if bool(zero):
+                raise ConfigError(f"{name}: a calibration sample's max activation is 0; the per-sample "
+                                  "normalisation (x / |max(x)|) is undefined")
 
     def remove(self) -> None:
         for h in self._handles:
@@ -219,6 +227,7 @@ def collect_groups(model: torch.nn.Module, linears: dict[str, torch.nn.Linear], 
                     acc.flush()
         finally:
             collector.remove()
+        collector.check()
         acc.flush()
         sums = {f"{n}.{s}": t for (n, s), t in acc.host_sums.items()}
         del acc

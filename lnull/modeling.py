@@ -217,11 +217,14 @@ def original_path(cfg: dict[str, Any]) -> str:
 def load_model(path: str, dtype: str = "float32", device: str | torch.device = "cpu",
                attn_implementation: Optional[str] = None) -> Any:
     """Causal LM from ``path`` in ``dtype`` on ``device``, eval mode; ``attn_implementation`` None =
-    transformers' default (sdpa)."""
+    transformers' default (sdpa). On an accelerator the weights load straight onto it (``device_map``): loading
+    on the host first would hold a whole copy there (32 GB for LLaMA-3-8B in fp32)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation=attn_implementation)
-    return model.to(device).eval()
+    on_host = torch.device(device).type == "cpu"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation=attn_implementation,
+                                                 **({} if on_host else {"device_map": str(device)}))
+    return (model.to(device) if on_host else model).eval()
 
 
 def load_tokenizer(path: str) -> Any:

@@ -64,14 +64,16 @@ def subtract_initial_update(model: torch.nn.Module, init_adapter: Path,
 
 
 def load_residual_model(original: str, init_adapter: Optional[Path], dtype: str, device: str | torch.device = "cpu",
-                        attn_implementation: Optional[str] = None) -> Any:
+                        attn_implementation: Optional[str] = None,
+                        compute_device: Optional[str | torch.device] = None) -> Any:
     """The original model (folder or hub name ``original``) in ``dtype`` on ``device``, with the residual of
-    ``init_adapter`` (a run's ``init/adapter``; None or absent: full fine-tuning, nothing to subtract)."""
+    ``init_adapter`` (a run's ``init/adapter``; None or absent: full fine-tuning, nothing to subtract) computed
+    on ``compute_device`` (default ``device``; training loads on the CPU and subtracts on its accelerator)."""
     from lnull.modeling import load_model
 
     model = load_model(original, dtype, device, attn_implementation)
     if init_adapter is not None and (Path(init_adapter) / ADAPTER_WEIGHTS).exists():
-        subtract_initial_update(model, Path(init_adapter))
+        subtract_initial_update(model, Path(init_adapter), compute_device)
     return model
 
 

@@ -188,3 +188,39 @@ def test_length_grouped_micro_batches_give_the_micro_batch_one_loss_and_gradient
     loss_four, four = step(4, response_loss)
     assert loss_four == pytest.approx(loss_one, rel=1e-6) and rel(four) < 1e-5
     assert rel(step(4, lambda **b: pooled(b))[1]) > 0.05  # HF's pooled token mean moves the gradient
+
+
+def test_response_loss_takes_its_positions_from_the_host_and_matches_the_mask():
+    """The loop passes ``ResponseLoss.response_index`` computed on the host (no per-micro-step device sync): the
+    loss equals the one computed from the labels alone, and the per-example mean of the boolean-mask selection
+    (the definition) to float rounding; the positions are those whose next-token label is a response token."""
+    import torch.nn.functional as F
+
+    from lnull.data.prompts import IGNORE_INDEX
+    from lnull.modeling import load_model, resolve_model
+    from lnull.tiny import TINY_ID
+    from lnull.training.data import collate
+    from lnull.training.model import ResponseLoss
+
+    model = load_model(resolve_model(TINY_ID))
+    g = torch.Generator().manual_seed(3)
+    examples = []
+    for n, prompt in ((7, 3), (12, 10), (20, 4)):
+        ids = torch.randint(3, 500, (n,), generator=g)
+        labels = ids.clone()
+        labels[:prompt] = IGNORE_INDEX
+        examples.append({"input_ids": ids, "labels": labels})
+    batch = collate(examples, 0)
+    index = ResponseLoss.response_index(batch["labels"])
+    width = batch["labels"].shape[1]
+    assert index["response_positions"].tolist() == [i * width + j for i, (n, p) in enumerate(((7, 3), (12, 10), (20, 4)))
+                                                    for j in range(p - 1, n - 1)]
+    with torch.no_grad():
+        given = ResponseLoss(model)(**batch, **index)
+        derived = ResponseLoss(model)(**batch)
+        hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+        targets = batch["labels"][:, 1:]
+        means = [F.cross_entropy(model.get_output_embeddings()(hidden[i, :-1][targets[i] != IGNORE_INDEX]).float(),
+                                 targets[i][targets[i] != IGNORE_INDEX]) for i in range(3)]
+    assert torch.equal(given, derived)
+    assert float(given) == pytest.approx(float(torch.stack(means).mean()), rel=1e-6)

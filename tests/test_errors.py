@@ -331,3 +331,21 @@ def test_a_resumed_training_says_from_which_step(tmp_path, capsys):
     assert "resumed" not in capsys.readouterr().out
     train_loop(cfg, out, init_dir)
     assert f"[train] resumed from step 1 ({out / 'checkpoints' / 'step-1'})" in capsys.readouterr().out
+
+
+def test_a_zero_calibration_activation_is_one_line_naming_the_module():
+    """The per-sample max is checked once per group (no host sync per batch) and still names the module."""
+    import torch
+
+    from lnull.activations import collect_groups, probe_aliases
+    from lnull.modeling import load_model, resolve_model, target_linears
+    from lnull.tiny import TINY_ID
+
+    model = load_model(resolve_model(TINY_ID))
+    model.get_input_embeddings().weight.data.zero_()  # every input of layer 0's attention is 0
+    linears = target_linears(model, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    windows = torch.randint(3, 200, (2, 8))
+    alias = probe_aliases(model, linears, windows[:1])
+    with pytest.raises(ConfigError, match=r"model\.layers\.0\.self_attn\.[qkv]_proj: a calibration sample's max "
+                                          r"activation is 0"):
+        list(collect_groups(model, linears, windows, 2, alias, None, progress=False))

@@ -2,7 +2,8 @@
 
 A checkpoint holds the trainable weights, optimizer, scheduler and every rank's RNG state (Accelerate;
 DeepSpeed's own sharded format under ZeRO) plus ``trainer_state.json`` (step, tokens seen).  Frozen base
-weights are left out: they are rebuilt from the original model and ``init/adapter``, and for a 7B model they would be 13 GB per save.
+weights are left out: they are rebuilt from the original model and ``init/adapter``, and for a 7B model they
+would be 13 GB per save.
 Each checkpoint is written to ``checkpoints/tmp-<step>`` and renamed to ``step-<step>`` when every rank is
 done, so a run killed mid-save resumes from the previous complete one.
 """

@@ -81,7 +81,8 @@ def train_loop(cfg: dict[str, Any], out_dir: Path, init_dir: Path) -> dict[str, 
     examples = load_examples(out_dir / EXAMPLES_FILE)
     lengths = [len(e["input_ids"]) for e in examples]
     steps = total_steps(len(examples), tcfg)
-    model, info = load_trainable(init_dir, original_path(cfg), cfg["model"]["dtype"], tcfg["attn_implementation"])
+    model, info = load_trainable(init_dir, original_path(cfg), cfg["model"]["dtype"], tcfg["attn_implementation"],
+                                 accelerator.device)
     if tcfg["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = assert_frozen(model, info)
@@ -114,6 +115,7 @@ def train_loop(cfg: dict[str, Any], out_dir: Path, init_dir: Path) -> dict[str, 
         micro_batches = plan[accelerator.process_index::accelerator.num_processes]  # dealt round-robin
         for idx in micro_batches:
             batch = collate([examples[i] for i in idx], pad_id)
+            batch.update(ResponseLoss.response_index(batch["labels"]))  # on the host: no device sync for it
             with accelerator.accumulate(wrapped):
                 with compute_autocast(cfg["model"]["dtype"], info, device, accelerator.mixed_precision):
                     loss = wrapped(**{k: v.to(device, non_blocking=True) for k, v in batch.items()})

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -14,12 +14,12 @@ from lnull.methods import METHOD_FILE, attach
 from lnull.residual import load_residual_model
 
 
-def load_trainable(init_dir: Path, original: str, dtype: str, attn_implementation: str = "sdpa"
-                   ) -> tuple[Any, dict[str, Any]]:
+def load_trainable(init_dir: Path, original: str, dtype: str, attn_implementation: str = "sdpa",
+                   compute_device: Optional[torch.device] = None) -> tuple[Any, dict[str, Any]]:
     """Model from ``init/`` (on CPU) with the method's freezing rule applied; returns (model, method info).
 
-    Adapter methods: the residual model (the ``original`` weights minus s B0 A0 of ``init/adapter``, rebuilt on
-    the CPU: :mod:`lnull.residual`) + ``init/adapter`` through PEFT, base weights frozen, and the adapter parts
+    Adapter methods: the residual model (the ``original`` weights minus s B0 A0 of ``init/adapter``, computed
+    on ``compute_device``, default the CPU: :mod:`lnull.residual`) + ``init/adapter`` through PEFT, base weights frozen, and the adapter parts
     named in ``lnull_method.json`` (``frozen``, e.g. ``["lora_A"]`` for LoRA-Null v2 and LoRA-FA) frozen too;
     a method's hooks (``lnull.methods.attach``: OPLoRA's projections) are closures, never parameters. Without
     an adapter (full fine-tuning) every weight trains, and is loaded in fp32 whatever ``dtype``: these are the
@@ -30,7 +30,7 @@ def load_trainable(init_dir: Path, original: str, dtype: str, attn_implementatio
     info = json.loads((init_dir / METHOD_FILE).read_text())
     adapter = init_dir / "adapter"
     model = load_residual_model(original, adapter if info["adapter"] else None,
-                                dtype if info["adapter"] else "float32", "cpu", attn_implementation)
+                                dtype if info["adapter"] else "float32", "cpu", attn_implementation, compute_device)
     if not info["adapter"]:
         model.requires_grad_(True)
         return model, info
@@ -86,23 +86,45 @@ class ResponseLoss(torch.nn.Module):
     divides by the accumulation steps). The [b, t, vocab] logits of prompt and padding positions are never
     computed: with a 49k-152k vocabulary the head is a large share of a small model's step.  Accelerate wraps
     this module, so DDP/DeepSpeed see one forward.
+
+    Which positions are response tokens is data-dependent: found on the device (boolean indexing, ``nonzero``)
+    it would make the host wait for the GPU every micro-step, so the loop passes :meth:`response_index` computed
+    on the host from the collated labels; without it (tests, other callers) it is computed here.
     """
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """``input_ids``/``attention_mask``/``labels`` int64 [b, t] -> scalar loss (fp32)."""
+    @staticmethod
+    def response_index(labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """For ``labels`` int64 [b, t]: ``response_positions`` int64 [n] (flat indices i * t + j, ascending, of
+        the positions j < t - 1 whose next-token label is not IGNORE_INDEX) and ``response_example`` int64 [n]
+        (their example i)."""
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+        where = keep.flatten().nonzero()[:, 0]
+        return {"response_positions": where,
+                "response_example": torch.div(where, labels.shape[1], rounding_mode="floor")}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                response_positions: Optional[torch.Tensor] = None,
+                response_example: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``input_ids``/``attention_mask``/``labels`` int64 [b, t] (+ :meth:`response_index` of ``labels``)
+        -> scalar loss (fp32)."""
+        if response_positions is None or response_example is None:
+            index = self.response_index(labels)
+            response_positions, response_example = index["response_positions"], index["response_example"]
         lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX
-        logits = lm.get_output_embeddings()(hidden[:, :-1][keep]).float()  # [n_response_tokens, vocab]
+        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, response_positions)
+        logits = lm.get_output_embeddings()(picked).float()  # [n_response_tokens, vocab]
         cap = getattr(lm.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
-        tokens = F.cross_entropy(logits, targets[keep], reduction="none")  # [n_response_tokens]
-        per_example = torch.zeros(keep.shape[0], dtype=tokens.dtype, device=tokens.device)
-        per_example = per_example.index_add(0, keep.nonzero()[:, 0], tokens) / keep.sum(1)
-        return per_example.mean()
+        targets = labels.reshape(-1).index_select(0, response_positions + 1)  # the next token of each position
+        tokens = F.cross_entropy(logits, targets, reduction="none")  # [n_response_tokens]
+        zeros = torch.zeros(labels.shape[0], dtype=tokens.dtype, device=tokens.device)
+        per_example = zeros.index_add(0, response_example, tokens)
+        counts = zeros.index_add(0, response_example, torch.ones_like(tokens))
+        return (per_example / counts).mean()
