@@ -312,11 +312,15 @@ def test_vllm_call_mapping(fake_vllm, tiny_cfg, tiny_model, tmp_path):
     assert [p.kwargs for p in call["params"]] == [
         {"temperature": 0.7, "top_p": 0.9, "max_tokens": min(7, 10 - len(x)), "stop": [" STOP"], "seed": 5 + i}
         for i, x in enumerate(ids)]
-    converted = tmp_path / "work" / "lora_on_original"
-    assert call["lora"].args == (str(converted), 1, str(converted))
-    tensors = load_file(str(converted / "adapter_model.safetensors"))
+    converted = call["lora"].args[2]
+    assert call["lora"].args == (converted, 1, converted) and not converted.startswith(str(tmp_path))
+    tensors = load_file(str(Path(converted) / "adapter_model.safetensors"))
     B = tensors["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"]
     assert B.shape == (5, 24) and bool((B[:, :12] == 1).all()) and bool((B[:, 12:] == -0.5).all())
+    from lnull.evaluate.vllm_engine import release_engine
+
+    release_engine()  # the stage's end: the temporary rank-2r adapter (GBs at 7B) is not kept in the store
+    assert not Path(converted).exists()
     # the init itself: W_res + s B0 A0 = W0, so the original model without LoRA
     init = EvalContext(None, tok, cfg, "init", str(run / "init" / "adapter"), tmp_path / "work2", "/orig/model",
                        str(run / "init" / "adapter"), str(run / "init" / "adapter"))

@@ -5,7 +5,8 @@ vLLM loads a plain model folder (or hub name).  Which folder and which LoRA adap
 - ``base``, a model folder, ``trained`` with a full fine-tune (``train/model``): that folder, no LoRA.
 - ``init`` / ``trained`` of a run (``<run>/init/adapter``, ``<run>/train/adapter``): the residual model is
   never on disk (``lnull.residual``), so vLLM gets the original model plus the same model as one LoRA on it
-  (``lora_on_original``: rank 2r, written once into the record's work folder) when the init moved weight
+  (``lora_on_original``: rank 2r, written once per adapter into a temporary folder that :func:`release_engine`
+  removes: 2.4 GiB at 7B, r = 128, which the store should not keep per record) when the init moved weight
   (B0 != 0), else the adapter itself; ``init`` of a residual method is the original model, no LoRA.
 - any other PEFT adapter folder: its ``base_model_name_or_path`` plus the adapter as a ``LoRARequest``.
 
@@ -18,7 +19,10 @@ evaluate stage never holds an HF copy of the weights while it is built (:func:`r
 """
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -28,6 +32,7 @@ from lnull.modeling import release_accelerator_memory
 
 _ENGINE: dict[str, Any] = {}  # {"key": (base, dtype, max_lora_rank), "llm": vllm.LLM}
 _LORA_IDS: dict[str, int] = {}  # adapter path -> vLLM's globally unique lora_int_id (1, 2, ...)
+_CONVERTED: dict[tuple[str, str], str] = {}  # (adapter, init adapter) -> its lora_on_original temp folder
 # vLLM accepts only these max_lora_rank values (vllm.config.LoRAConfig)
 _VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -44,8 +49,11 @@ def model_and_adapter(ctx: Any) -> tuple[str, Optional[str], int]:
     if adapter is not None and ctx.init_adapter_path is not None and initial_factors(ctx.init_adapter_path)[0]:
         if Path(adapter).resolve() == Path(ctx.init_adapter_path).resolve():
             return base, None, 0  # W_res + s B0 A0 = W0: the initial model is the original
-        adapter = str(lora_on_original(Path(adapter), Path(ctx.init_adapter_path),
-                                       Path(ctx.work_dir) / "lora_on_original", base))
+        pair = (str(adapter), str(ctx.init_adapter_path))
+        if pair not in _CONVERTED:
+            folder = Path(tempfile.mkdtemp(prefix="lnull-lora-on-original-")) / "adapter"
+            _CONVERTED[pair] = str(lora_on_original(Path(adapter), Path(ctx.init_adapter_path), folder, base))
+        adapter = _CONVERTED[pair]
     if adapter is None:
         return base, None, 0
     conf = json.loads((Path(adapter) / "adapter_config.json").read_text())
@@ -77,6 +85,12 @@ def release_engine() -> None:
     if _ENGINE:
         _ENGINE.clear()
         release_accelerator_memory()
+    for folder in _CONVERTED.values():
+        shutil.rmtree(Path(folder).parent, ignore_errors=True)
+    _CONVERTED.clear()
+
+
+atexit.register(release_engine)  # a converted adapter never outlives the process
 
 
 def generate_vllm(ctx: Any, prompts: list[str], max_new_tokens: int, stop: Sequence[str] = (),
