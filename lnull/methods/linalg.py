@@ -103,9 +103,43 @@ def svd64(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin fp64 SVD M [m, n] = U diag(S) Vh: U [m, k], S [k] descending, Vh [k, n], k = min(m, n); each
     singular pair's sign fixed on U (largest-|.| entry positive) with Vh flipped alongside."""
     U, S, Vh = torch.linalg.svd(M.double(), full_matrices=False)
+    return _fix_pair_signs(U, S, Vh)
+
+
+def _fix_pair_signs(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     fixed = fix_signs(U)
     flip = (fixed * U).sum(dim=0).sign()  # +1 / -1 per column
     return fixed, S, Vh * flip.unsqueeze(1)
+
+
+QR_FIRST = 1.5  # aspect ratio from which svd64_part factors the long side out first (LAPACK's gesdd: 11/6)
+
+
+def svd64_part(M: torch.Tensor, keep: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``svd64(M)`` restricted to the singular triples ``keep`` (a slice of the descending order, e.g.
+    ``slice(-r, None)`` for the r smallest): (U [m, k], S [k], Vh [k, n]), signs fixed as :func:`svd64`.
+
+    Same maths and the same backward-stable steps as the full SVD, without forming the singular vectors that
+    are dropped on the long side of an oblong M: Householder QR of M (tall) or of M^T (wide), M = Q R, thin SVD of
+    the small square R (all its singular values and vectors, so the smallest ones are as accurate as in
+    ``svd64``), then Q applied to the kept vectors only (``ormqr``, no Q formed). LAPACK's gesdd goes through the
+    same QR when one side is >= 11/6 of the other, but then forms Q [m, n] and Q U_R [m, n] in full. Nearly square
+    M (aspect < :data:`QR_FIRST`) gets the plain thin SVD, sliced."""
+    M = M.double()
+    m, n = M.shape
+    if m >= QR_FIRST * n:  # tall: M = Q R, R = U S Vh -> M = (Q U) S Vh
+        a, tau = torch.geqrf(M)
+        U, S, Vh = torch.linalg.svd(a[:n].triu(), full_matrices=False)
+        U = torch.ormqr(a, tau, torch.nn.functional.pad(U[:, keep], (0, 0, 0, m - n)))
+        return _fix_pair_signs(U, S[keep], Vh[keep])
+    if n >= QR_FIRST * m:  # wide: M^T = Q R, R^T = U S Vh -> M = U S (Q Vh^T)^T
+        a, tau = torch.geqrf(M.T)
+        U, S, Vh = torch.linalg.svd(a[:m].triu().T, full_matrices=False)
+        V = torch.ormqr(a, tau, torch.nn.functional.pad(Vh[keep].T, (0, 0, 0, n - m)))
+        return _fix_pair_signs(U[:, keep], S[keep], V.T)
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    return _fix_pair_signs(U[:, keep], S[keep], Vh[keep])
 
 
 def factor(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, W0: torch.Tensor, scale: float) -> LayerInit:
