@@ -77,17 +77,20 @@ def inverse_is_accurate(C: torch.Tensor, shift: float) -> bool:
     covariance up to n ~ 6000 (SmolLM2, LLaMA's 4096) and beyond while ||C||_F / tr(C) is small (n = 11008:
     < 0.17). False sends the caller to PEFT's own explicit check, so the damping is PEFT's either way."""
     n = C.shape[0]
-    S, K = (C + C.T) / 2, (C - C.T) / 2
-    s_norm = float(torch.linalg.matrix_norm(S))
-    eye = torch.eye(n, dtype=C.dtype, device=C.device)
-    _, info = torch.linalg.cholesky_ex(S + eye * (shift / 2))
+    twice_skew = C - C.mT  # 2 K; calibration's statistics are exactly symmetric: S = C, no copy
+    skew_norm = float(torch.linalg.matrix_norm(twice_skew)) / 2
+    S = C if skew_norm == 0 else C - twice_skew / 2
+    shifted = S.clone()
+    shifted.diagonal().add_(shift / 2)
+    _, info = torch.linalg.cholesky_ex(shifted)
     if int(info) != 0:
         return False
+    s_norm = float(torch.linalg.matrix_norm(S))
     u = UNIT_ROUNDOFF
-    low = shift / 2 - n * (n + 1) * u * (s_norm + shift / 2) - float(torch.linalg.matrix_norm(K))
+    low = shift / 2 - n * (n + 1) * u * (s_norm + shift / 2) - skew_norm
     if not low > 0:
         return False
-    kappa = (float(torch.linalg.matrix_norm(C)) + shift) / low
+    kappa = ((s_norm if skew_norm == 0 else float(torch.linalg.matrix_norm(C))) + shift) / low
     return n * n * u * kappa < INV_TOLERANCE / 10
 
 
