@@ -8,7 +8,7 @@ default when its asset is in the cache, skipped otherwise), ``<preset>-shaped`` 
 layer shapes and vocabulary, ``--layers`` layers, benchmarks/shaped_model.py; weights do not change timings).
 Calibration runs ``--repeat`` times (median reported) with the model's experiment windows (tiny: 16 x 64; others
 ``--samples`` x ``--seqlen``), counting forward calls of the LM head; init runs each method once on the last
-calibration, counting ``torch.linalg.eigh`` and ``torch.linalg.inv`` calls (CorDA's damped inverse may call inv
+calibration, counting ``torch.linalg.eigh``, ``inv`` and ``lu_factor`` calls (CorDA's damped inverse may call inv
 more than once when it doubles the damping). Runs against whichever ``lnull`` is importable, so
 ``PYTHONPATH=<checkout of another commit>`` measures that commit with this script.
 """
@@ -31,10 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shaped_model import PRESETS, build  # noqa: E402
 
 
+# LoRA-Null's eigh; CorDA's damped factorisation: an LU, or PEFT's explicit inverse where bounds cannot certify it
+COUNTED = ("eigh", "inv", "lu_factor")
+
+
 def count_calls(counts: dict[str, float]) -> None:
-    """Count torch.linalg.eigh / inv calls and their seconds into ``counts`` (patched for the rest of the
+    """Count the :data:`COUNTED` ``torch.linalg`` calls and their seconds into ``counts`` (patched for the rest of the
     process)."""
-    for name in ("eigh", "inv"):
+    for name in COUNTED:
         original = getattr(torch.linalg, name)
 
         def wrapped(*args, _original=original, _name=name, **kwargs):
@@ -105,7 +109,7 @@ def bench(name: str, overrides: list[str], methods: list[str], repeat: int, tmp:
     for method in methods:
         out = tmp / f"{name}-{method}"
         out.mkdir()
-        counts.update(eigh=0, inv=0, eigh_s=0.0, inv_s=0.0)
+        counts.update({**{n: 0 for n in COUNTED}, **{f"{n}_s": 0.0 for n in COUNTED}})
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -113,13 +117,13 @@ def bench(name: str, overrides: list[str], methods: list[str], repeat: int, tmp:
         stage = time.perf_counter() - start
         report = json.loads((out / "report.json").read_text())
         entry = {"method": method, "init_seconds": round(report["seconds"], 3), "stage_seconds": round(stage, 3),
-                 "eigh_calls": counts["eigh"], "inv_calls": counts["inv"],
-                 "decomposition_seconds": round(counts["eigh_s"] + counts["inv_s"], 3),
-                 "eigh_per_layer": counts["eigh"] / layers, "inv_per_layer": counts["inv"] / layers}
+                 **{f"{n}_calls": counts[n] for n in COUNTED},
+                 "decomposition_seconds": round(sum(counts[f"{n}_s"] for n in COUNTED), 3),
+                 **{f"{n}_per_layer": counts[n] / layers for n in COUNTED}}
         row["init"].append(entry)
         print(f"{'':<18} init {method:<13} {entry['init_seconds']:>8.3f}s (stage {stage:.3f}s)  "
-              f"eigh/layer {entry['eigh_per_layer']:g}  inv/layer {entry['inv_per_layer']:g}  "
-              f"in eigh+inv {entry['decomposition_seconds']:.3f}s", flush=True)
+              + "  ".join(f"{n}/layer {entry[f'{n}_per_layer']:g}" for n in COUNTED)
+              + f"  in these {entry['decomposition_seconds']:.3f}s", flush=True)
     return row
 
 
@@ -134,7 +138,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    counts = {"eigh": 0, "inv": 0, "eigh_s": 0.0, "inv_s": 0.0}
+    counts = {**{n: 0 for n in COUNTED}, **{f"{n}_s": 0.0 for n in COUNTED}}
     count_calls(counts)
     import lnull
 
