@@ -24,15 +24,21 @@ PRESETS = {  # hidden, intermediate, heads, kv heads, vocab
 }
 
 
+def shaped_config(dims: tuple[int, int, int, int, int], layers: int, tokenizer) -> LlamaConfig:
+    """LlamaConfig of ``dims`` (hidden, intermediate, heads, kv heads, vocab) with ``layers`` layers and the
+    special tokens of ``tokenizer``."""
+    hidden, inter, heads, kv, vocab = dims
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+
+
 def build(preset: str, layers: int, dtype: str, out: Path) -> int:
     """Save a random ``preset``-shaped LLaMA with ``layers`` layers (and the tiny tokenizer) to ``out``;
     return its parameter count."""
-    hidden, inter, heads, kv, vocab = PRESETS[preset]
     tokenizer = build_tokenizer()
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = shaped_config(PRESETS[preset], layers, tokenizer)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(getattr(torch, dtype))
     model.save_pretrained(out)

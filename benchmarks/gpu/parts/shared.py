@@ -20,16 +20,13 @@ def build_model(out: Path, preset: str, layers: int, dtype: str, dry: bool, keep
     if (out / "done").exists():
         return out
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from shaped_model import shaped_config
+    from transformers import LlamaForCausalLM
 
     from lnull.tiny import build_tokenizer
 
-    hidden, inter, heads, kv, vocab = dims(preset, dry)
     tokenizer = build_tokenizer()
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = shaped_config(dims(preset, dry), layers, tokenizer)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, dtype))
