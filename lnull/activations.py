@@ -353,12 +353,6 @@ def load_statistic(calibration_dir: Path, statistic: str = "covariance") -> dict
     return {name: stats.get(name, statistic) for name in stats.alias}
 
 
-def accumulator_gb(linears: dict[str, torch.nn.Linear], alias: dict[str, str], bytes_per_number: int) -> float:
-    """GiB of both statistics' sums for the unique inputs of ``linears``."""
-    numbers = sum(len(STATS) * linears[n].in_features ** 2 for n, a in alias.items() if n == a)
-    return numbers * bytes_per_number / 2**30
-
-
 def default_budget_gb(device: torch.device, budget_gb: Optional[float]) -> Optional[float]:
     """``calibration.device_budget_gb``, else :data:`DEFAULT_CUDA_BUDGET_GB` capped at 60% of the free device
     memory on CUDA, and no limit on the CPU."""

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from lnull.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from lnull.io import atomic_write_json, atomic_write_text, save_png
 from lnull.methods import method_of
 from lnull.methods.linalg import svd64
 
@@ -96,14 +96,7 @@ def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
 
 
 def _save_png(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return save_png(fig, path, dpi=110)
 
 
 def _figure(ncols: int = 1, width: float = 7.0):

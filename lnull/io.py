@@ -129,6 +129,20 @@ def drop_stale_temps(folder: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def save_png(fig: Any, path: Path, dpi: int = 130) -> Path:
+    """Write a matplotlib figure as a PNG atomically (a killed run leaves the old file or none) and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 

@@ -84,15 +84,13 @@ class Stage:
 
     ``folder``: its folder in a run (and namespace in the store); ``stored``: output content-addressed in the
     store (the run holds a view) or written into the run itself; ``reads(cfg)``: upstream stages it reads;
-    ``optional_reads``: upstream stages it uses when complete but never requires; ``sections``: config values
-    it reads (for help and docs; ``key_inputs`` computes them); ``applies(cfg)``: whether ``lnull run`` runs it
+    ``optional_reads``: upstream stages it uses when complete but never requires; ``applies(cfg)``: whether ``lnull run`` runs it
     for this config (calibration only for methods that read a statistic)."""
 
     name: str
     folder: str
     help: str
     runner: str  # "module:function", imported when the stage runs
-    sections: tuple[str, ...]
     key_inputs: Callable[[Config], dict[str, Any]] = _nothing
     reads: Callable[[Config], tuple[str, ...]] = lambda cfg: ()
     optional_reads: tuple[str, ...] = ()
@@ -108,27 +106,25 @@ class Stage:
 
 STAGES: tuple[Stage, ...] = (
     Stage("calibrate", "calibration", "collect input covariances of the targeted linear layers on calibration text",
-          "lnull.calibrate:run", ("model.name_or_path", "model.target_modules", "model.add_bos", "calibration"),
-          key_inputs=_calibrate_inputs, applies=lambda cfg: _method(cfg).needs_calibration),
+          "lnull.calibrate:run", key_inputs=_calibrate_inputs, applies=lambda cfg: _method(cfg).needs_calibration),
     Stage("init", "init", "initialise adapters with the chosen method; write the initial PEFT adapter",
-          "lnull.initialize:run", ("model.name_or_path", "model.dtype", "model.target_modules", "method"),
-          key_inputs=_init_inputs,
+          "lnull.initialize:run", key_inputs=_init_inputs,
           reads=lambda cfg: ("calibrate",) if _method(cfg).needs_calibration else ()),
     Stage("train", "train", "fine-tune the initialised model on the task data", "lnull.train:run",
-          ("task", "train", "accelerate", "model.add_bos"), key_inputs=_train_inputs, reads=lambda cfg: ("init",)),
+          key_inputs=_train_inputs, reads=lambda cfg: ("init",)),
     Stage("evaluate", "eval", "score base / init / trained models on the eval benchmarks (one stored record each)",
-          "lnull.evaluate:run", ("eval", "model.add_bos", "model.dtype"), stored=False,
+          "lnull.evaluate:run", stored=False,
           key_inputs=lambda cfg: {"eval": cfg["eval"], "model": model_identity(cfg), "dtype": cfg["model"]["dtype"],
                                   "add_bos": cfg["model"]["add_bos"]},
           reads=lambda cfg: tuple(s for s, which in (("init", ("init", "trained")), ("train", ("trained",)))
                                   if set(which) & set(cfg["eval"]["models"]))),
     Stage("export", "export", "write a merged HF model and a LoRA adapter on the original model",
-          "lnull.export:run", (), reads=lambda cfg: ("init", "train")),
+          "lnull.export:run", reads=lambda cfg: ("init", "train")),
     Stage("analyze", "analysis", "effective ranks, spectra, projection profile, Table 1, rho_k, relative change",
-          "lnull.analysis:run", ("analysis",), key_inputs=lambda cfg: {"analysis": cfg["analysis"]},
+          "lnull.analysis:run", key_inputs=lambda cfg: {"analysis": cfg["analysis"]},
           optional_reads=("calibrate", "init", "train"), stored=False),
     Stage("table", "tables", "build paper-style tables from every run's result records (results/tables/)",
-          "lnull.tables:run", ("table",), stored=False, always=True, output_dir=lambda cfg: cfg["table"]["out_dir"]),
+          "lnull.tables:run", stored=False, always=True, output_dir=lambda cfg: cfg["table"]["out_dir"]),
 )
 BY_NAME = {stage.name: stage for stage in STAGES}
 DEFAULT_CHAIN = ("calibrate", "init", "train", "evaluate")

@@ -2,11 +2,10 @@
 method (LoRA-Null vs CorDA), the papers' numbers dashed where they were reported."""
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Optional
 
-from lnull.io import atomic_write_bytes
+from lnull.io import save_png
 from lnull.tables.paper import Row
 from lnull.tables.reported import ReportedRow
 
@@ -43,13 +42,3 @@ def sweep_figure(path: Path, title: str, rows: list[Row], reported: list[Optiona
     return save_png(fig, path, dpi=110)
 
 
-def save_png(fig, path: Path, dpi: int = 130) -> Path:
-    """Write a matplotlib figure as a PNG atomically (a killed run leaves the old file or none) and close it."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
