@@ -255,7 +255,7 @@ class TableConfig:
     reported: Optional[str] = None
     analysis_part: Optional[str] = None
     runs: list[str] = field(default_factory=list)  # summary: run folders; empty = every run under run.root
-    out_dir: str = "results/tables"
+    out_dir: str = "results/tables"  # +scale=demo: results/tables/demo (configs/scale/demo.yaml)
     reported_dir: str = "results/reported"
     run_missing: bool = False
     overrides: list[str] = field(default_factory=list)  # extra Hydra overrides of every row (e.g. model=tiny)

@@ -250,3 +250,15 @@ def test_one_table_end_to_end_at_demo_scale_on_the_tiny_model(tmp_path):
                    f"cache_dir={cache}", check=True).stdout
     assert re.search(r"^aaai_3a\s+6/6 rows done", listed, re.M)
     shutil.rmtree(tmp_path / "runs")
+
+
+def test_demo_scale_tables_go_to_their_own_folder_whoever_builds_them(tmp_path):
+    """`+scale=demo` writes under results/tables/demo/ (configs/scale/demo.yaml), not over the paper-scale files,
+    whether or not the caller passes table.out_dir (the Makefile does; a plain `lnull table` does not)."""
+    assert compose(["table=aaai_3a"])["table"]["out_dir"] == "results/tables"
+    assert compose(["table=aaai_3a", "+scale=demo"])["table"]["out_dir"] == "results/tables/demo"
+    assert compose(["table=aaai_3a", "+scale=demo", "table.out_dir=x"])["table"]["out_dir"] == "x"  # explicit wins
+    lnull("table", "table=aaai_3a", "+scale=demo", "table.overrides=['model=tiny']", f"run.root={tmp_path / 'runs'}",
+          "progress=false", f"table.reported_dir={REPO / 'results' / 'reported'}", cwd=tmp_path, check=True)
+    assert (tmp_path / "results" / "tables" / "demo" / "aaai_3a.md").is_file()
+    assert not list((tmp_path / "results" / "tables").glob("aaai_3a.*"))
