@@ -289,7 +289,8 @@ class AnalysisConfig:
 
 @dataclass
 class RunConfig:
-    """Where the run folder goes. ``dir`` None = ``<root>/<experiment>-<config hash>``. ``stages``: what
+    """Where the run folder goes. ``dir`` None = ``<root>/<experiment>/<method>-r<rank>-<hash of what enters the
+    stage keys>`` (``lnull.layout.default_run_dir``). ``stages``: what
     ``lnull run`` chains (None = calibrate, init, train, evaluate; an experiment may add export, analyze, table)."""
 
     root: str = "runs"

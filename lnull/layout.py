@@ -1,6 +1,7 @@
 """A run folder and every path in it: the one place that knows where a stage's files are.
 
-A run folder (``run.dir``, default ``<run.root>/<experiment>-<hash>``) holds ``config.yaml``,
+A run folder (``run.dir``, default ``<run.root>/<experiment>/<method>-r<rank>-<hash>``, see
+:func:`default_run_dir`) holds ``config.yaml``,
 ``provenance.json``, views (symlinks) of its store entries (``calibration``, ``init``, ``train``, ``export``)
 and the folders of its run-local stages (``eval``, ``analysis``). Stage code asks the layout for paths
 (``layout.view("init") / "adapter"``), never builds another stage's paths itself.
@@ -19,17 +20,51 @@ from lnull.io import atomic_write_text, stable_hash, try_read_json
 from lnull.stages import BY_NAME, STAGES, StageKeys
 from lnull.store import MARKER, RECORDS, Store
 
-# Sections that name a run: the default run dir hashes these. `eval` is left out on purpose, so that re-scoring
-# with other benchmarks reuses the same folder (its records are keyed on their own).
 CONFIG_DIGEST = ".config.sha256"  # sha256 of the config.yaml lnull wrote, to tell a hand edit
-IDENTITY_SECTIONS = ("experiment", "model", "method", "calibration", "task", "train", "accelerate")
+
+
+def run_identity(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What names a default run folder: the config values that enter the keys of the stages making the run's
+    model (``lnull.stages``: calibration when the method reads a statistic, init, train), the model and the data
+    named rather than fingerprinted (the folder is known before they are downloaded, and does not move when a file
+    is fetched). So a knob that enters no key (``train.log_every``, ``train.checkpoint_every``, wandb,
+    ``calibration.device_budget_gb``, the calibration section of a method that reads no statistic) keeps the
+    folder, and ``eval`` is left out on purpose: re-scoring with other benchmarks reuses the folder (its records
+    are keyed on their own). A data file edited in place keeps the folder but changes the keys: the run's stale
+    views are dropped (:meth:`RunLayout.drop_stale_views`)."""
+    from lnull.methods import REGISTRY
+    from lnull.stages import UNHASHED
+
+    def section(name: str) -> Any:
+        value = cfg.get(name)
+        if isinstance(value, dict):
+            return {k: v for k, v in value.items() if k not in UNHASHED.get(name, ())}
+        return value
+
+    model, method = cfg["model"], REGISTRY[cfg["method"]["name"]]
+    ident = {"model": model["name_or_path"], "dtype": model["dtype"], "target_modules": model["target_modules"],
+             "add_bos": model["add_bos"], "method": method.key_options(cfg["method"]), "task": cfg["task"],
+             "train": section("train"), "accelerate": cfg.get("accelerate")}
+    if method.needs_calibration:
+        ident["calibration"] = section("calibration")
+    return ident
+
+
+def run_name(cfg: dict[str, Any]) -> str:
+    """``<method>-r<rank>-<short hash of run_identity>``; ``<method>-<hash>`` for a method without an adapter
+    (full fine-tuning: its rank means nothing)."""
+    from lnull.methods import REGISTRY
+
+    name = cfg["method"]["name"]
+    rank = f"-r{cfg['method']['rank']}" if REGISTRY[name].has_adapter else ""
+    return f"{name}{rank}-{stable_hash(run_identity(cfg), 8)}"
 
 
 def default_run_dir(cfg: dict[str, Any]) -> Path:
-    """``<run.root>/<experiment>-<hash of the identity sections>``; never a timestamp, so every process of a
-    multi-process launch computes the same folder."""
-    ident = {k: cfg.get(k) for k in IDENTITY_SECTIONS}
-    return Path(cfg["run"]["root"]) / f"{cfg['experiment']}-{stable_hash(ident, 10)}"
+    """``<run.root>/<experiment>/<method>-r<rank>-<hash>`` (:func:`run_name`); never a timestamp, so every process
+    of a multi-process launch computes the same folder. Folders of older versions (``<run.root>/<experiment>-
+    <hash>``) keep working: the store finds them through their refs, ``lnull run --from <folder>`` runs them."""
+    return Path(cfg["run"]["root"]) / cfg["experiment"] / run_name(cfg)
 
 
 def run_dir_of(cfg: dict[str, Any]) -> Path:
@@ -37,10 +72,17 @@ def run_dir_of(cfg: dict[str, Any]) -> Path:
 
 
 def store_root(cfg: dict[str, Any]) -> Path:
-    """``store.root``, or ``store/`` beside the run folder (``<run.root>/store`` for default run folders)."""
+    """``store.root``; else ``<run.root>/store`` for a default run folder; else (``run.dir`` given, as ``lnull run
+    --from`` does) ``store/`` beside the run folder, or beside its experiment folder when the run folder sits in
+    one (``<root>/<experiment>/<name>``, the default layout) and no ``store/`` is beside it."""
     if cfg.get("store", {}).get("root"):
         return Path(cfg["store"]["root"])
-    return run_dir_of(cfg).resolve().parent / "store"
+    if not cfg["run"].get("dir"):
+        return Path(cfg["run"]["root"]).resolve() / "store"
+    parent = Path(cfg["run"]["dir"]).resolve().parent
+    if parent.name == cfg.get("experiment") and not (parent / "store").is_dir():
+        return parent.parent / "store"
+    return parent / "store"
 
 
 class RunLayout:

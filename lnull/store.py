@@ -229,8 +229,15 @@ class Store:
         used: dict[tuple[str, str], list[str]] = {}
         for ref in runrefs.live_refs(self.root):
             for pair in self._uses(ref):
-                used.setdefault(pair, []).append(Path(ref["run"]).name)
+                used.setdefault(pair, []).append(self.run_label(ref))
         return used
+
+    def run_label(self, ref: dict[str, Any]) -> str:
+        """How `lnull store ls|du` name a run: ``<experiment>/<name>`` for a run folder of the default layout
+        (``<run.root>/<experiment>/<name>`` beside ``<run.root>/store``), else the folder's name (an older
+        ``<experiment>-<hash>`` folder, a ``run.dir`` elsewhere)."""
+        path = Path(ref.get("run", ""))
+        return f"{path.parent.name}/{path.name}" if path.parent.parent == self.root.parent else path.name
 
     def _record_files(self, key: str) -> list[Path]:
         return [self.record(key), self.record_digest(key), self.record_work(key)]
@@ -280,7 +287,7 @@ class Store:
         runs = []
         for ref, pairs in zip(refs, uses):
             folder = runrefs._found_at(ref, self.root)
-            runs.append({"run": Path(ref["run"]).name, "path": str(folder or ref["run"]), "entries": len(pairs),
+            runs.append({"run": self.run_label(ref), "path": str(folder or ref["run"]), "entries": len(pairs),
                          "bytes": sum(size[p] for p in pairs),
                          "own": sum(size[p] for p in pairs if count[p] == 1),
                          "shared": sum(size[p] for p in pairs if count[p] > 1),

@@ -49,5 +49,5 @@ def test_multirun_sweeps_rank_into_separate_run_folders(tmp_path):
                  "train.max_steps=1", "eval.limit=4", "eval.models=[trained]")
     assert proc.returncode == 0, proc.stderr
     ranks = sorted(__import__("json").loads((p / "init" / "report.json").read_text())["rank"]
-                   for p in tmp_path.glob("tiny-*"))
+                   for p in tmp_path.glob("tiny/*"))
     assert ranks == [2, 4]

@@ -56,7 +56,38 @@ def test_run_dir_is_stable_and_ignores_eval_and_run_keys(tmp_path):
     c = compose(["+experiment=tiny", "method.rank=8"])
     assert default_run_dir(a) == default_run_dir(b)
     assert default_run_dir(a) != default_run_dir(c)
-    assert Path(default_run_dir(a)).name.startswith("tiny-")
+    assert Path(default_run_dir(a)).parent.name == "tiny" and Path(default_run_dir(a)).name.startswith("lora-r4-")
+
+
+def test_run_folder_is_experiment_method_rank_and_a_hash_of_the_stage_keys(tmp_path):
+    """`<run.root>/<experiment>/<method>-r<rank>-<hash>` (full fine-tuning: no rank); a knob that enters no stage
+    key does not move it, one that enters a key does, exactly when the stage keys move."""
+    import re
+
+    from lnull.stages import StageKeys
+
+    base = ["+experiment=tiny", f"run.root={tmp_path}"]
+    lora = default_run_dir(compose(base))
+    assert lora.parent == tmp_path / "tiny" and re.fullmatch(r"lora-r4-[0-9a-f]{8}", lora.name), lora
+    assert re.fullmatch(r"full-[0-9a-f]{8}", default_run_dir(compose([*base, "method=full"])).name)
+    assert re.fullmatch(r"lora_null_v1-r16-[0-9a-f]{8}",
+                        default_run_dir(compose([*base, "method=lora_null_v1", "method.rank=16"])).name)
+
+    def keys(cfg: dict) -> tuple:
+        k = StageKeys(cfg)
+        return k["calibrate"], k["init"], k["train"]
+
+    for method in ("lora", "lora_null_v1"):
+        ref = compose([*base, f"method={method}"])
+        for knob in ("train.log_every=5", "train.checkpoint_every=3", "train.wandb=offline",
+                     "calibration.device_budget_gb=1", "eval.limit=2", "progress=false",
+                     "calibration.samples=8", "train.lr=0.1", "method.rank=8", "task.max_examples=16", "model.dtype=bfloat16"):
+            other = compose([*base, f"method={method}", knob])
+            used = slice(0 if method == "lora_null_v1" else 1, 3)  # lora reads no calibration: its key is unused
+            same_keys = keys(ref)[used] == keys(other)[used]
+            assert (default_run_dir(ref) == default_run_dir(other)) == same_keys, (method, knob)
+            if knob.startswith(("train.log_every", "train.checkpoint_every")):
+                assert same_keys, knob
 
 
 def test_keys_chain_so_a_change_invalidates_later_stages_only():

@@ -146,3 +146,33 @@ def test_gc_deletes_only_the_listed_entries_a_user_confirmed(tmp_path):
     later.mkdir()
     removed = store.gc(confirmed=listed)
     assert {r["path"] for r in removed} == {r["path"] for r in listed} and later.exists()
+
+
+def test_an_old_named_run_folder_is_still_listed_kept_by_gc_and_runs_from_its_folder(tmp_path):
+    """A run folder of the older layout (`<run.root>/<experiment>-<hash>`, beside the store) stays a user of its
+    entries: `lnull store ls` names it, gc keeps what it uses, `lnull run --from` runs it on the same store."""
+    old = _run(tmp_path, "tiny-0123456789")
+    assert (tmp_path / "store").is_dir() and not (tmp_path / "tiny").exists()
+    used = _entries(tmp_path / "store")
+    listed = lnull("store", "ls", f"run.root={tmp_path}", check=True).stdout
+    assert "init/" in listed and "tiny-0123456789" in listed and "(unused)" not in listed, listed
+    new = run_pipeline(compose([*TINY, f"run.root={tmp_path}", "method.rank=2"]), log=lambda _: None).dir
+    assert new.parent == tmp_path / "tiny" and new.name.startswith("lora_null_v1-r2-")  # the new layout, one store
+    shutil.rmtree(new)
+    proc = lnull("store", "gc", "--yes", f"run.root={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    assert _entries(tmp_path / "store") >= used and "lora_null_v1-r2" not in _entries(tmp_path / "store")
+    again = lnull("run", "--from", str(old), "progress=false", check=True)
+    assert "[train] cached" in again.stdout and not (old / "store").exists() and not (tmp_path / "store.partial").exists()
+    assert used <= _entries(tmp_path / "store")
+
+
+def test_a_new_layout_run_from_its_folder_uses_the_store_of_its_run_root(tmp_path):
+    """`lnull run --from <run.root>/<experiment>/<name>` finds `<run.root>/store`, not a new store in the
+    experiment folder."""
+    run = run_pipeline(compose([*TINY, f"run.root={tmp_path}", "train.log_every=2"]), log=lambda _: None).dir
+    assert run.parent == tmp_path / "tiny"
+    same = run_pipeline(compose([*TINY, f"run.root={tmp_path}", "train.log_every=3"]), log=lambda _: None).dir
+    assert same == run  # a knob that enters no key keeps the folder
+    again = lnull("run", "--from", str(run), "progress=false", check=True)
+    assert "[train] cached" in again.stdout and not (tmp_path / "tiny" / "store").exists()

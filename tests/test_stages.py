@@ -141,7 +141,7 @@ def test_table_is_built_from_results_json(finished_tiny_run):
     paths = build_tables(finished_tiny_run)
     assert sorted(p.suffix for p in paths) == [".csv", ".md", ".tex"]
     md = Path(finished_tiny_run["table"]["out_dir"], "summary.md").read_text()
-    results = json.loads((Path(finished_tiny_run["run"]["root"]).glob("tiny-*").__next__() / "eval" /
+    results = json.loads((Path(finished_tiny_run["run"]["root"]).glob("tiny/*").__next__() / "eval" /
                           "results.json").read_text())["results"]
     for rec in results:  # the base model is the pre-trained row, with no method, rank or calibration
         row = "| tiny | lora | 4 |  | trained |" if rec["model"] == "trained" else "| tiny | pre-trained |  |  | base |"

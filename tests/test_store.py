@@ -42,14 +42,14 @@ def test_a_rank_sweep_and_three_methods_calibrate_once(tmp_path):
     assert _count(logs, "[calibrate] done") == 1 and _count(logs, "[calibrate] cached") == 4
     assert len(list((tmp_path / "store" / "calibration").iterdir())) == 1
     assert len(list((tmp_path / "store" / "init").iterdir())) == 5
-    runs = [p for p in tmp_path.iterdir() if p.name.startswith("tiny-")]
+    runs = list(tmp_path.glob("tiny/*"))
     assert len(runs) == 5 and len({(p / "calibration").resolve() for p in runs}) == 1
 
 
 def test_methods_without_a_statistic_never_calibrate(tmp_path):
     logs = _run(_cfg(tmp_path, "method=lora"))
     assert _count(logs, "[calibrate] not needed") == 1 and not (tmp_path / "store" / "calibration").exists()
-    record = json.loads(next(tmp_path.glob("tiny-*/eval/results.json")).read_text())["results"][-1]
+    record = json.loads(next(tmp_path.glob("tiny/*/eval/results.json")).read_text())["results"][-1]
     assert record["model"] == "trained" and record["calibration"] is None and record["method"]["name"] == "lora"
 
 
@@ -67,7 +67,7 @@ def test_the_base_model_is_scored_once_for_all_runs_and_benchmarks_score_alone(t
     added = _run(cfg, stages=["evaluate"])
     assert _count(added, ": scored") == 2 and _count(added, "synthetic_facts: stored record reused") == 2
     assert {r["benchmark"] for r in json.loads(next(
-        p for p in tmp_path.glob("tiny-*/eval/results.json") if "facts_long" in p.read_text()).read_text())[
+        p for p in tmp_path.glob("tiny/*/eval/results.json") if "facts_long" in p.read_text()).read_text())[
         "results"]} == {"synthetic_facts", "facts_long"}
     records = len(list((tmp_path / "store" / "eval").glob("*.json")))
     removed = _run(_cfg(tmp_path, "method=pissa"), stages=["evaluate"])
@@ -95,8 +95,8 @@ def test_store_ls_lists_users_and_gc_drops_only_what_no_run_uses(tmp_path):
     _run(_cfg(tmp_path, "method=lora_null_v2"))
     listed = lnull("store", "ls", f"run.root={tmp_path}", check=True).stdout
     calibration = next(line for line in listed.splitlines() if line.startswith("calibration/"))
-    assert calibration.count("tiny-") == 2  # both runs use the one calibration
-    v2 = next(p for p in tmp_path.glob("tiny-*") if "lora_null_v2" in (p / "config.yaml").read_text())
+    assert calibration.count("tiny/lora_null_v") == 2  # both runs use the one calibration
+    v2 = next(p for p in tmp_path.glob("tiny/*") if "lora_null_v2" in (p / "config.yaml").read_text())
     v2_init = (v2 / "init").resolve()
     import shutil
 
@@ -104,14 +104,14 @@ def test_store_ls_lists_users_and_gc_drops_only_what_no_run_uses(tmp_path):
     removed = lnull("store", "gc", "--yes", f"run.root={tmp_path}", check=True).stdout
     assert f"init/{v2_init.name}" in removed and not v2_init.exists()
     assert len(list((tmp_path / "store" / "calibration").iterdir())) == 1  # still used by v1
-    assert (next(tmp_path.glob("tiny-*")) / "train" / "complete.json").exists()
+    assert (next(tmp_path.glob("tiny/*")) / "train" / "complete.json").exists()
 
 
 def test_record_schema_round_trip_and_rejects_bad_records(tmp_path):
     from lnull.records import validate
 
     _run(_cfg(tmp_path, "method=lora_null_v1"))
-    data = json.loads(next(tmp_path.glob("tiny-*/eval/results.json")).read_text())["results"]
+    data = json.loads(next(tmp_path.glob("tiny/*/eval/results.json")).read_text())["results"]
     trained = next(r for r in data if r["model"] == "trained")
     record = validate(json.loads(json.dumps(trained)))
     assert record.to_dict() == trained
@@ -125,7 +125,7 @@ def test_record_schema_round_trip_and_rejects_bad_records(tmp_path):
 
 def test_full_fine_tuning_records_no_rank(tmp_path):
     _run(_cfg(tmp_path, "method=full", "train.lr=1e-4"))
-    data = json.loads(next(tmp_path.glob("tiny-*/eval/results.json")).read_text())["results"]
+    data = json.loads(next(tmp_path.glob("tiny/*/eval/results.json")).read_text())["results"]
     trained = next(r for r in data if r["model"] == "trained")
     assert trained["method"]["name"] == "full" and trained["method"]["rank"] is None
     assert trained["method"]["alpha"] is None

@@ -13,8 +13,9 @@ from lnull.records import read_results
 
 
 def run_folders(root: Path) -> list[Path]:
-    """Run folders under ``root`` (those holding a ``config.yaml``; the store and anything else are skipped)."""
-    return sorted(p for p in Path(root).glob("*") if (p / "config.yaml").is_file())
+    """Run folders under ``root`` (those holding a ``config.yaml``; the store and anything else are skipped):
+    ``<root>/<experiment>/<name>`` and the older ``<root>/<experiment>-<hash>``."""
+    return sorted(p for pattern in ("*", "*/*") for p in Path(root).glob(pattern) if (p / "config.yaml").is_file())
 
 
 def collect_results(run_dirs: list[Path]) -> list[dict[str, Any]]:
