@@ -44,6 +44,10 @@ def dispatch(command: str, cfg: dict[str, Any], sub: str | None = None, flags: t
     """Run ``command`` on a resolved config dict (``from_file``: read from a run's own config.yaml)."""
     from lnull.pipeline import run_pipeline
 
+    if command not in ("assets", "store", "list"):  # stages run: library chatter to <run>/logs/ (lnull.console)
+        from lnull.console import quiet_libraries
+
+        quiet_libraries()
     if command == "run":
         print(f"run folder: {run_pipeline(cfg, from_file=from_file).dir}")
     elif command == "assets":

@@ -45,8 +45,23 @@ def chain(cfg: dict[str, Any]) -> list[str]:
     return list(cfg["run"].get("stages") or DEFAULT_CHAIN)
 
 
+def log_file(layout: RunLayout, name: str) -> Path:
+    """Where the library chatter of stage ``name`` goes (``lnull.console``): ``<run>/logs/<stage>.log``; for a
+    stage without a run folder (``table``) ``<run.root>/logs/<stage>.log``."""
+    folder = Path(layout.cfg["run"]["root"]) if BY_NAME[name].always else layout.dir
+    return folder / "logs" / f"{name}.log"
+
+
 def run_stage(layout: RunLayout, name: str, log: Log = print) -> dict[str, Any]:
-    """Run one stage for the layout's config unless its output for this key exists; link the run's view."""
+    """Run one stage for the layout's config unless its output for this key exists; link the run's view. Library
+    chatter goes to :func:`log_file` when the console is quiet (``lnull.console.quiet_libraries``, the CLI)."""
+    from lnull.console import stage_log
+
+    with stage_log(log_file(layout, name)):
+        return _run_stage(layout, name, log)
+
+
+def _run_stage(layout: RunLayout, name: str, log: Log) -> dict[str, Any]:
     stage, cfg = BY_NAME[name], layout.cfg
     if not stage.always:  # before it starts: gc keeps what it reads and writes
         layout.store.register(layout.dir, *_uses(layout, name))

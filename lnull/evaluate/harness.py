@@ -96,7 +96,21 @@ def _explicit_bos_lm(model: Any, tokenizer: Any, batch_size: int, add_bos: bool)
     import torch
     from lm_eval.models.huggingface import HFLM
 
+    from lnull.console import adopt_library_loggers
+
+    adopt_library_loggers()  # lm-eval's and datasets' messages (imported by now) to the stage log, not the console
+
     class ExplicitBosHFLM(HFLM):
+        # no lm-eval progress bar per request batch: the console shows lnull's line per benchmark
+        def loglikelihood(self, requests: list, disable_tqdm: bool = True) -> list:
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = True) -> list:
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests: list, disable_tqdm: bool = True) -> list:
+            return super().generate_until(requests, disable_tqdm=True)
+
         def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
                        **kwargs: Any) -> list[int]:
             ids = self.tokenizer.encode(string, add_special_tokens=False)
