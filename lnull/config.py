@@ -136,13 +136,9 @@ class AccelerateConfig:
 
 @dataclass
 class BenchmarkConfig:
-    """One benchmark of ``eval.benchmarks``: ``kind`` selects the scorer (``lnull.evaluate.registry``).
-
-    kinds: ``lm_eval`` (an lm-eval task: knowledge, commonsense), ``math`` (GSM8K/MATH grader),
-    ``code`` (HumanEval/MBPP pass@1), ``mtbench`` (MT-Bench answers + optional judge),
-    ``qa_exact_match`` (plain generative exact match over any records, e.g. synthetic facts),
-    ``lm_eval_nll`` / ``text_nll`` (gold-answer / general-text NLL per token, ``lnull.evaluate.likelihood``),
-    ``task_heldout`` (held-out examples of the run's fine-tuning task, ``lnull.evaluate.heldout``).
+    """One benchmark of ``eval.benchmarks``: ``kind`` selects the scorer, a ``Scorer`` that one module of
+    ``lnull/evaluate/`` registers (``lnull.evaluate.registry.kinds()`` lists them; each ``Scorer.description``
+    and module docstring says what it scores), e.g. ``lm_eval`` (an lm-eval task), ``math``, ``code``.
     """
 
     kind: str = MISSING

@@ -5,7 +5,8 @@ Each (scored model, benchmark) is one record in the store (``store/eval/<key>.js
 model's key (the base model's weights, or the run's init / train key), the benchmark's settings and the
 scorer's version: the base model is scored once for every run on it, a new benchmark scores only itself, and
 removing one deletes nothing. A record's identity (``lnull.records``) is read from the store entries that
-produced the scored model. Scorers live one per module behind ``lnull.evaluate.registry``; a killed
+produced the scored model. Scorers live one per module, each registering a ``Scorer`` (``lnull.evaluate.base``)
+found through ``lnull.evaluate.registry``; a killed
 evaluation resumes at the first record not written (and inside it, from the scorer's cache in its work folder).
 """
 from __future__ import annotations
@@ -19,15 +20,12 @@ from typing import Any, NamedTuple, Optional
 
 from lnull.errors import ConfigError
 from lnull.evaluate.base import EvalContext
-from lnull.evaluate.registry import LM_EVAL_KINDS, RUN_MODELS, SCORER_VERSIONS, check_benchmark_inputs, scorer
+from lnull.evaluate.registry import RUN_MODELS, check_benchmark_inputs, scorer_of
 from lnull.io import atomic_write_json, stable_hash
 from lnull.modeling import (load_tokenizer, model_fingerprint, original_path, pick_device,
                             release_accelerator_memory, resolve_model)
 from lnull.records import ModelIdentity, ResultRecord, ScorerIdentity, lineage, record_digest, validate
 from lnull.residual import load_residual_model
-
-# Records whose value is a percentage of n independent items: their stderr is the binomial one.
-PROPORTION_KINDS = ("math", "code", "qa_exact_match")
 
 
 class ModelSource(NamedTuple):
@@ -110,27 +108,23 @@ def expected_records(layout: Any, which: str) -> dict[str, str]:
 
 def record_key(cfg: dict[str, Any], model_key: str, name: str, bench: dict[str, Any]) -> str:
     """Hash of exactly what a record depends on: the scored weights, the benchmark, the evaluation settings
-    its scorer reads, how prompts are built (BOS) and the weights loaded (dtype), and the scorer's version."""
-    ev = cfg["eval"]
+    its scorer reads (``Scorer.key_settings``), how prompts are built (BOS) and the weights loaded (dtype), and
+    the scorer's version."""
+    ev, scorer = cfg["eval"], scorer_of(bench["kind"])
     inputs = {"model": model_key, "benchmark": name, "bench": bench, "dtype": cfg["model"]["dtype"],
-              "add_bos": cfg["model"]["add_bos"], "scorer": scorer_version(bench["kind"]),
+              "add_bos": cfg["model"]["add_bos"], "scorer": scorer.full_version(),
               "eval": {k: ev.get(k) for k in ("limit", "batch_size", "engine", "seed", "max_new_tokens")}}
-    if bench["kind"] == "code":
-        inputs["code"] = {k: v for k, v in ev["code"].items() if k != "workers"}
-    if bench["kind"] == "mtbench":
-        inputs["mtbench"] = {k: v for k, v in ev["mtbench"].items() if k != "judge_key_env"}
-    if bench["kind"] == "task_heldout":  # encoded as training encodes the run's task; its records are excluded
-        inputs["task"] = {**cfg["task"], "max_length": cfg["train"]["max_length"]}
-    return stable_hash(inputs)
+    extra = scorer.key_settings(cfg)
+    clash = sorted(extra.keys() & inputs.keys())
+    if clash:
+        raise ValueError(f"benchmark kind '{bench['kind']}': key_settings names {clash}, which every key already has")
+    return stable_hash({**inputs, **extra})
 
 
 def scorer_version(kind: str) -> str:
-    """lnull's version of a scorer (plus lm-eval's for ``lm_eval``): a change re-scores, an equal one reuses."""
-    if kind in LM_EVAL_KINDS:
-        from importlib.metadata import version
-
-        return f"{SCORER_VERSIONS[kind]}+lm_eval-{version('lm_eval')}"
-    return SCORER_VERSIONS[kind]
+    """The record's ``scorer.version`` of ``kind`` (``Scorer.full_version``): a change re-scores, an equal one
+    reuses."""
+    return scorer_of(kind).full_version()
 
 
 def load_for_eval(cfg: dict[str, Any], layout: Any, which: str, device, weights: bool = True
@@ -155,16 +149,8 @@ def load_for_eval(cfg: dict[str, Any], layout: Any, which: str, device, weights:
 
 
 def needs_weights(benches: list[dict[str, Any]], ev: dict[str, Any]) -> bool:
-    """Whether scoring ``benches`` needs the model in this process: lm-eval and likelihoods always; generation
-    unless it runs in vLLM; code unless the bigcode harness runs it."""
-    for bench in benches:
-        if bench["kind"] in LM_EVAL_KINDS + ("task_heldout",):  # likelihoods: in this process, whatever the engine
-            return True
-        if bench["kind"] == "code" and ev["code"]["backend"] == "bigcode":
-            continue
-        if ev["engine"] == "hf":
-            return True
-    return False
+    """Whether scoring ``benches`` needs the model in this process (any of their ``Scorer.needs_weights``)."""
+    return any(scorer_of(bench["kind"]).needs_weights(ev) for bench in benches)
 
 
 def _release_vllm() -> None:
@@ -186,7 +172,7 @@ def stderr_of(rec: dict[str, Any], kind: str) -> Optional[float]:
     if rec.get("stderr") is not None:
         return float(rec["stderr"])
     value, n = rec.get("value"), rec.get("n") or 0
-    if kind in PROPORTION_KINDS and value is not None and n > 0:
+    if scorer_of(kind).proportion and value is not None and n > 0:
         p = value / 100.0
         return 100.0 * (p * (1 - p) / n) ** 0.5
     return None
@@ -200,7 +186,7 @@ def score_one(name: str, bench: dict[str, Any], ctx: EvalContext, key: str = "",
         lineage_ = lineage({}, ModelIdentity(name=m["name"], name_or_path=m["name_or_path"], sha256=None,
                                              dtype=m["dtype"]))
     start = time.perf_counter()
-    rec = scorer(bench["kind"])(name, bench, ctx)
+    rec = scorer_of(bench["kind"]).function()(name, bench, ctx)
     seconds = time.perf_counter() - start
     n = int(rec.get("n") or 0)
     core = {"metric", "value", "n", "stderr", "settings", "task", "task_version", "lm_eval_version"}
@@ -228,7 +214,6 @@ def run(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
     if not benchmarks:
         raise ConfigError("eval.benchmarks is empty; pick an eval= config (e.g. eval=[knowledge,math])")
     for name, bench in benchmarks.items():  # unknown kinds, missing data, unknown tasks: before any model loads
-        scorer(bench["kind"])
         check_benchmark_inputs(name, bench, cfg.get("cache_dir"), cfg["eval"])
     device = pick_device(cfg["device"])
     records, counts = [], {"scored": 0, "reused": 0}

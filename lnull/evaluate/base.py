@@ -1,14 +1,104 @@
-"""What a scorer gets: the loaded model, its tokenizer, the run config and a scratch folder."""
+"""The scorer registry (one ``Scorer`` per benchmark kind, registered by its own module) and what a scorer
+gets: the loaded model, its tokenizer, the run config and a scratch folder (``EvalContext``).
+
+A scorer module of ``lnull/evaluate/`` calls ``register(Scorer(...))`` at import time, once per kind it scores
+(``lnull.evaluate.registry`` finds and imports such modules); everything the evaluate stage, the record key and
+the compose-time checks need to know about a kind is a field of its ``Scorer``, so no other module compares a
+kind name.  A scorer module imports heavy libraries (lm-eval, vLLM) inside its functions, so registering costs
+nothing.
+"""
 from __future__ import annotations
 
+import importlib
 import json
 import time
 from dataclasses import dataclass, field
+from importlib.metadata import version as installed_version
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from lnull.data.sources import load_records, require_fields
+from lnull.errors import ConfigError
 from lnull.evaluate.generate import generate
+
+# (benchmark name, its resolved ``eval.benchmarks.<name>`` section, EvalContext) -> the raw record
+# {"metric", "value", "n", optional "stderr", "settings", anything else kept as details}.
+ScoreFn = Callable[[str, dict, "EvalContext"], dict]
+
+
+def loads_unless_vllm(ev: Any) -> bool:
+    """Default ``Scorer.needs_weights`` of a generating scorer: the HF weights here unless vLLM generates."""
+    return ev["engine"] == "hf"
+
+
+def loads_always(ev: Any) -> bool:
+    """``Scorer.needs_weights`` of a scorer that runs the model in this process whatever the engine (lm-eval's
+    runner, likelihoods, teacher-forced passes)."""
+    return True
+
+
+def no_key_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Default ``Scorer.key_settings``: the benchmark's own section and the common eval settings are all."""
+    return {}
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """One benchmark kind: what ``eval.benchmarks.<name>.kind: <kind>`` selects, and every fact about it the
+    evaluate stage, the record key and the config checks need."""
+
+    kind: str  # the name ``eval.benchmarks.<name>.kind`` gives
+    score: ScoreFn  # the scoring function; the stage calls it through :meth:`function`
+    # lnull's version of the kind's protocol, part of every record key: bump it when the output for the same
+    # input changes, so stored records of the old protocol are not reused
+    version: str = "1"
+    # installed distributions whose versions are part of the scorer's (("lm_eval",): a new lm-eval re-scores)
+    packages: tuple[str, ...] = ()
+    # (resolved ``eval`` section) -> True: scoring needs the HF weights loaded in this process; False: an engine
+    # loads the model folders itself (vLLM, the bigcode harness)
+    needs_weights: Callable[[Any], bool] = loads_unless_vllm
+    # (resolved run config) -> {name: value}: the settings outside the benchmark's own section its records depend
+    # on (e.g. ``eval.code``); they enter the record key under those names
+    key_settings: Callable[[dict[str, Any]], dict[str, Any]] = no_key_settings
+    # (name, benchmark section, ``eval`` section) -> None raising ConfigError: compose time, values only
+    check: Optional[Callable[[str, Any, Any], None]] = None
+    # (name, benchmark section, cache dir, ``eval`` section or None) -> None raising ConfigError when this machine
+    # or library cannot score it (an unknown lm-eval task, no sandbox): before any model loads
+    check_inputs: Optional[Callable[[str, Any, Any, Optional[dict[str, Any]]], None]] = None
+    lower_is_better: bool = False  # the value is a loss (an NLL); otherwise higher is better
+    # the value is a percentage of ``n`` independent items: a record without the scorer's stderr gets the binomial
+    proportion: bool = False
+    description: str = ""  # one line for people
+
+    def full_version(self) -> str:
+        """``version`` plus ``+<package>-<installed version>`` per entry of ``packages`` (the record's
+        ``scorer.version``)."""
+        return "+".join([self.version, *(f"{p}-{installed_version(p)}" for p in self.packages)])
+
+    def function(self) -> ScoreFn:
+        """The scoring function as its module holds it now (so patching ``<module>.<function>`` takes effect,
+        as with a ``module:function`` lookup)."""
+        module = importlib.import_module(self.score.__module__)
+        return getattr(module, self.score.__name__, self.score)
+
+
+def benchmark_task(name: str, bench: Any, allowed: Sequence[str]) -> str:
+    """The benchmark's ``task`` (default: its name); ConfigError unless it is one of ``allowed``."""
+    task = bench.get("task") or name
+    if task not in allowed:
+        raise ConfigError(f"eval.benchmarks.{name}.task '{task}' is not one of {', '.join(allowed)}")
+    return task
+
+
+REGISTRY: dict[str, Scorer] = {}  # kind -> Scorer; filled by importing scorer modules (lnull.evaluate.registry)
+
+
+def register(scorer: Scorer) -> Scorer:
+    """Add ``scorer`` under its kind (a kind registered twice is an error)."""
+    if scorer.kind in REGISTRY:
+        raise ValueError(f"benchmark kind '{scorer.kind}' registered twice")
+    REGISTRY[scorer.kind] = scorer
+    return scorer
 
 
 def read_saved_rows(path: Path) -> list[dict[str, Any]]:

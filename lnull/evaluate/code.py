@@ -23,8 +23,7 @@ from typing import Any, Callable
 
 from lnull.errors import ConfigError
 from lnull.evaluate import sandbox
-from lnull.evaluate.base import read_saved_rows
-from lnull.evaluate.registry import check_code_settings
+from lnull.evaluate.base import Scorer, benchmark_task, read_saved_rows, register
 
 
 @dataclass(frozen=True)
@@ -100,11 +99,49 @@ def _generations(task: CodeTask, prompts: list[str], code: dict, ctx: Any, desc:
     return [[done[(s, p)] for s in range(n_samples)] for p in prompts]
 
 
+# --- the registered scorer: checks, record-key settings, where the model runs --------------------------------
+def check_code_settings(code: Any) -> None:
+    """ConfigError on an ``eval.code`` value that cannot work (checked at compose time and by the scorer)."""
+    for key, low in (("n_samples", 1), ("workers", 1), ("max_length", 1), ("timeout_s", 1e-3), ("temperature", 0),
+                     ("memory_mb", 0)):
+        if code[key] < low:
+            raise ConfigError(f"eval.code.{key} must be >= {low}, got {code[key]}")
+    if not 0.0 < code["top_p"] <= 1.0:
+        raise ConfigError(f"eval.code.top_p must be in (0, 1], got {code['top_p']}")
+    sandbox.check_isolation(code["isolation"], probe=False)  # the name only: the machine is probed before scoring
+
+
+def check_config(name: str, bench: Any, ev: Any) -> None:
+    """Compose time: the task, the backend and every ``eval.code`` setting."""
+    benchmark_task(name, bench, TASKS)
+    code = ev["code"]
+    if code["backend"] not in ("builtin", "bigcode"):
+        raise ConfigError(f"eval.code.backend must be builtin or bigcode, got '{code['backend']}'")
+    if code["backend"] == "bigcode" and not (code["bigcode_path"] and Path(code["bigcode_path"]).is_dir()):
+        raise ConfigError(f"eval.code.backend=bigcode needs eval.code.bigcode_path, a bigcode-evaluation-harness "
+                          f"checkout; got '{code['bigcode_path']}'")
+    check_code_settings(code)
+
+
+def check_machine(name: str, bench: Any, cache_dir: Any, ev: Any) -> None:
+    """Before any model loads: this machine can isolate the programs (builtin backend; given ``ev``)."""
+    if ev is not None and ev["code"]["backend"] == "builtin":
+        sandbox.check_isolation(ev["code"]["isolation"])
+
+
+def code_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Record-key settings: ``eval.code`` but ``workers`` (parallelism does not change the outcome)."""
+    return {"code": {k: v for k, v in cfg["eval"]["code"].items() if k != "workers"}}
+
+
+def needs_weights(ev: Any) -> bool:
+    """The bigcode harness loads the folders itself; builtin generation needs the weights unless vLLM runs."""
+    return ev["code"]["backend"] != "bigcode" and ev["engine"] == "hf"
+
+
 def score(name: str, bench: dict[str, Any], ctx: Any) -> dict[str, Any]:
     """pass@1 (%) of ``bench['task']`` (humaneval | mbpp) over ``ctx.records(bench)``; ``n`` problems."""
-    task_name = bench.get("task") or name
-    if task_name not in TASKS:
-        raise ConfigError(f"eval.benchmarks.{name}.task '{task_name}' is not one of {', '.join(TASKS)}")
+    task_name = benchmark_task(name, bench, TASKS)
     code = dict(ctx.eval_cfg["code"])
     check_code_settings(code)
     if code["backend"] == "bigcode":
@@ -179,3 +216,8 @@ def score_bigcode(task: str, ctx: Any) -> dict[str, Any]:
                                      top_p=code["top_p"], n_samples=code["n_samples"], max_length=code["max_length"],
                                      command=cmd[1:]),
             "bigcode_metrics": metrics[task]}
+
+
+register(Scorer(kind="code", score=score, needs_weights=needs_weights, key_settings=code_settings,
+                check=check_config, check_inputs=check_machine, proportion=True,
+                description="HumanEval / MBPP pass@1 (%), programs run sandboxed (bigcode protocol)"))

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from lnull.errors import ConfigError
+from lnull.evaluate.base import Scorer, loads_always, register
 from lnull.evaluate.likelihood import mean_and_stderr
 
 N_EXAMPLES = 3
@@ -89,3 +90,12 @@ def score(name: str, bench: dict[str, Any], ctx: Any) -> dict[str, Any]:
                          for (q, r), e, a, x in list(zip(pairs, exact, accuracy, nll))[:N_EXAMPLES]],
             "settings": ctx.settings(prompt=cfg["task"]["prompt"], max_length=cfg["train"]["max_length"],
                                      train_dataset=cfg["task"]["dataset"])}
+
+
+def task_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Record-key settings: the run's task as training encodes it (its records are the ones excluded)."""
+    return {"task": {**cfg["task"], "max_length": cfg["train"]["max_length"]}}
+
+
+register(Scorer(kind="task_heldout", score=score, needs_weights=loads_always, key_settings=task_settings,
+                description="exact match / token accuracy / NLL on held-out examples of the run's task"))

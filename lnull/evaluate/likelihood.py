@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from lnull.errors import ConfigError
+from lnull.evaluate.base import Scorer, loads_always, register
+from lnull.evaluate.harness import check_task_exists, check_task_named
 
 # The gold answer each built-in task's documents carry (offline assets use the hub's field names).
 ANSWER_TARGET = {"nq_open": "{{answer[0]}}", "triviaqa": "{{answer.value}}", "webqs": "{{answers[0]}}"}
@@ -177,3 +179,17 @@ def score_text(name: str, bench: dict[str, Any], ctx: Any) -> dict[str, Any]:
     return _record(out, items, {"tokens": total_tokens, "data": bench["dataset"]}, ctx, "loglikelihood_rolling",
                    examples, {"output_type": "loglikelihood_rolling", "target": target,
                               "prefix_token_id": lm.prefix_token_id})
+
+
+def check_target(name: str, bench: Any, ev: Any) -> None:
+    """Compose time: ``target`` says which text of a record to score."""
+    if not bench["target"]:
+        raise ConfigError(f"eval.benchmarks.{name}.target (the text's template, e.g. '{{{{passage}}}}') is not set")
+
+
+register(Scorer(kind="lm_eval_nll", score=score_answers, packages=("lm_eval",), needs_weights=loads_always,
+                check=check_task_named, check_inputs=check_task_exists, lower_is_better=True,
+                description="NLL per token (nats) of the gold answer under an lm-eval QA task's prompt"))
+register(Scorer(kind="text_nll", score=score_text, packages=("lm_eval",), needs_weights=loads_always,
+                check=check_target, lower_is_better=True,
+                description="NLL per token (nats) of held-out general text (lm-eval's rolling loglikelihood)"))

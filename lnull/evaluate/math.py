@@ -30,7 +30,7 @@ from importlib.metadata import version
 from typing import Any, Optional
 
 from lnull.errors import ConfigError
-from lnull.evaluate.base import read_saved_rows
+from lnull.evaluate.base import Scorer, benchmark_task, read_saved_rows, register
 from lnull.data.prompts import ALPACA
 
 TASKS = ("gsm8k", "math")
@@ -237,13 +237,16 @@ def _generate_cached(ctx: Any, prompts: list[str], max_new_tokens: int, desc: st
     return [done[k] for k in keys]
 
 
+def check_config(name: str, bench: Any, ev: Any) -> None:
+    """Compose time: the task (default the benchmark's name) is gsm8k or math."""
+    benchmark_task(name, bench, TASKS)
+
+
 def score(name: str, bench: dict[str, Any], ctx: Any) -> dict[str, Any]:
     """Accuracy (%) of greedy chain-of-thought answers on GSM8K or MATH (``bench['task']``, default the
     benchmark's name); questions in ``bench['question_field']``, gold solutions in ``bench['answer_field']``;
     ``bench['prompt']`` (with ``{query}``) replaces MetaMath's prompt when set."""
-    task = bench.get("task") or name
-    if task not in TASKS:
-        raise ConfigError(f"eval.benchmarks.{name}.task '{task}' is not one of {', '.join(TASKS)}")
+    task = benchmark_task(name, bench, TASKS)
     qf, af = bench["question_field"], bench["answer_field"]
     rows = ctx.records(bench, [qf, af])
     golds = []
@@ -266,3 +269,7 @@ def score(name: str, bench: dict[str, Any], ctx: Any) -> dict[str, Any]:
                                      math_verify=version("math-verify")),
             "examples": [{"prompt": p, "completion": c, "extracted": extract_answer(c), "gold": g, "accepted": h}
                          for p, c, g, h in list(zip(prompts, completions, golds, how))[:3]]}
+
+
+register(Scorer(kind="math", score=score, check=check_config, proportion=True,
+                description="GSM8K / MATH accuracy (%) of greedy chain-of-thought answers (MetaMath protocol)"))

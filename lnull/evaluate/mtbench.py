@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import time
 import urllib.error
@@ -25,10 +26,10 @@ import zipfile
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
+from urllib.parse import urlparse
 
 from lnull.errors import ConfigError
-from lnull.evaluate.base import read_saved_rows
-from lnull.evaluate.registry import judge_key
+from lnull.evaluate.base import Scorer, read_saved_rows, register
 from lnull.data.sources import read_jsonl
 from lnull.modeling import cache_root
 from lnull.io import atomic_write_json, atomic_write_text
@@ -102,6 +103,15 @@ def judge_messages(question: dict, answer: list[str], turn: int, prompts: dict[s
     else:
         user = template["prompt_template"].format(question=question["turns"][0], answer=answer[0], **kwargs)
     return name, [{"role": "system", "content": template["system_prompt"]}, {"role": "user", "content": user}]
+
+
+def judge_key(url: str, key_env: str) -> Optional[str]:
+    """The MT-Bench judge's API key from ``$key_env``; ConfigError when a non-local judge has none."""
+    key = os.environ.get(key_env)
+    if not key and (urlparse(url).hostname or "") not in ("localhost", "127.0.0.1", "::1"):
+        raise ConfigError(f"eval.mtbench.judge_url={url} needs an API key in the environment variable "
+                          f"{key_env} (eval.mtbench.judge_key_env), which is not set")
+    return key
 
 
 class Judge:
@@ -267,3 +277,18 @@ def score(name: str, bench: dict[str, Any], ctx: Any) -> dict[str, Any]:
     if summary["value"] is None:
         out["skipped"] = f"the judge gave no parsable rating ({summary['n_unparsable']} judgments in {judgments_path})"
     return out
+
+
+def check_config(name: str, bench: Any, ev: Any) -> None:
+    """Compose time: a judge other than a local one has its API key in the environment."""
+    if ev["mtbench"]["judge_url"]:
+        judge_key(ev["mtbench"]["judge_url"], ev["mtbench"]["judge_key_env"])
+
+
+def mtbench_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Record-key settings: ``eval.mtbench`` but the name of the key's variable (the judge is the same)."""
+    return {"mtbench": {k: v for k, v in cfg["eval"]["mtbench"].items() if k != "judge_key_env"}}
+
+
+register(Scorer(kind="mtbench", score=score, key_settings=mtbench_settings, check=check_config,
+                description="MT-Bench answers to both turns, rated 1-10 by an optional OpenAI-compatible judge"))

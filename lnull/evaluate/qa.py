@@ -7,6 +7,8 @@ import re
 import string
 from typing import Any
 
+from lnull.evaluate.base import Scorer, register
+
 _ARTICLES = re.compile(r"\b(?:the|an|a)\b", re.IGNORECASE)
 DEFAULT_PROMPT = "Q: {question}?\nA:"
 STOP = ("\n", ".", ",")
@@ -43,3 +45,7 @@ def score(name: str, bench: dict[str, Any], ctx: Any) -> dict[str, Any]:
                                      stop=list(STOP)),
             "examples": [{"prompt": p, "prediction": x, "correct": h}
                          for p, x, h in list(zip(prompts, preds, hits))[:3]]}
+
+
+register(Scorer(kind="qa_exact_match", score=score, proportion=True,
+                description="greedy exact match (%) over any records, e.g. synthetic facts"))

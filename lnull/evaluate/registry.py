@@ -1,68 +1,64 @@
-"""The one registry of benchmark kinds: ``eval.benchmarks.<name>.kind`` -> scorer function.
+"""Finding the registered scorers (``eval.benchmarks.<name>.kind`` -> :class:`lnull.evaluate.base.Scorer`) and
+the checks of an ``eval`` section: at compose time (values) and before any model loads (data, machine).
 
-Scorers are imported lazily (``module:function``) so that, e.g., lm-eval is only imported when an
-``lm_eval`` benchmark is asked for.  Every scorer has the signature
-``score(name: str, bench: dict, ctx: EvalContext) -> dict`` (see ``lnull.evaluate.base``).
+A scorer module is a module of the ``lnull.evaluate`` package whose source calls ``register(Scorer(``; the first
+lookup of a kind not yet registered imports every such module (each registers its kinds), so adding a benchmark
+kind is one new module plus an eval config, nothing else edited.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
+import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
-from urllib.parse import urlparse
+from typing import Any, Optional
 
 from lnull.errors import ConfigError
+from lnull.evaluate.base import REGISTRY, Scorer
 
-KINDS = {
-    "lm_eval": "lnull.evaluate.harness:score",
-    "math": "lnull.evaluate.math:score",
-    "code": "lnull.evaluate.code:score",
-    "mtbench": "lnull.evaluate.mtbench:score",
-    "qa_exact_match": "lnull.evaluate.qa:score",
-    "lm_eval_nll": "lnull.evaluate.likelihood:score_answers",
-    "text_nll": "lnull.evaluate.likelihood:score_text",
-    "task_heldout": "lnull.evaluate.heldout:score",
-}
-LM_EVAL_KINDS = ("lm_eval", "lm_eval_nll", "text_nll")  # run by lm-eval: its version is part of the scorer's
-# Kinds whose value is lower-is-better (a negative log-likelihood); every other kind's is higher-is-better.
-LOWER_IS_BETTER = ("lm_eval_nll", "text_nll")
-# Allowed ``task`` values per kind (None: any, checked by the scorer, e.g. lm-eval's task index).
-TASKS = {"math": ("gsm8k", "math"), "code": ("humaneval", "mbpp")}
-# lnull's version of each scorer's protocol: bump it when a scorer's output for the same input changes, so
-# stored records of the old protocol are not reused.
-SCORER_VERSIONS = {kind: "1" for kind in KINDS}
 RUN_MODELS = ("base", "init", "trained")
 ENGINES = ("hf", "vllm")
+SCORER_MARK = "register(Scorer("  # what makes a module of this package a scorer module
 
 
-def scorer(kind: str) -> Callable[..., dict[str, Any]]:
-    if kind not in KINDS:
-        raise ConfigError(f"unknown benchmark kind '{kind}'; known: {', '.join(KINDS)}")
-    module, _, func = KINDS[kind].partition(":")
-    return getattr(importlib.import_module(module), func)
+def import_scorers() -> None:
+    """Import every scorer module of the ``lnull.evaluate`` package (those already imported are not re-run); its
+    folders are the package's ``__path__``."""
+    package = sys.modules[__package__]  # imported before any of its modules
+    for folder in package.__path__:
+        for path in sorted(Path(folder).glob("*.py")):
+            if SCORER_MARK in path.read_text():
+                importlib.import_module(f"{package.__name__}.{path.stem}")
+
+
+def scorer_of(kind: str, where: str = "") -> Scorer:
+    """The registered :class:`Scorer` of ``kind``; ConfigError naming the known kinds when there is none
+    (``where``: e.g. " for eval.benchmarks.x", said after the kind)."""
+    if kind not in REGISTRY:
+        import_scorers()
+    if kind not in REGISTRY:
+        raise ConfigError(f"unknown benchmark kind '{kind}'{where}; known: {', '.join(kinds())}")
+    return REGISTRY[kind]
+
+
+def kinds() -> list[str]:
+    """Every registered benchmark kind, sorted."""
+    import_scorers()
+    return sorted(REGISTRY)
 
 
 def check_eval_config(ev: Any) -> None:
     """Raise ConfigError on the first bad value of an ``eval`` section (before any model is loaded)."""
     for name, bench in ev.benchmarks.items():
-        if bench.kind not in KINDS:
-            raise ConfigError(f"unknown benchmark kind '{bench.kind}' for eval.benchmarks.{name}; "
-                              f"known: {', '.join(KINDS)}")
-        allowed = TASKS.get(bench.kind)
-        if allowed and (bench.task or name) not in allowed:
-            raise ConfigError(f"eval.benchmarks.{name}.task '{bench.task}' is not one of {', '.join(allowed)}")
-        if bench.kind in KINDS and not bench.dataset:
+        scorer = scorer_of(bench.kind, f" for eval.benchmarks.{name}")
+        if not bench.dataset:
             raise ConfigError(f"eval.benchmarks.{name}.dataset is not set")
-        if bench.kind in ("lm_eval", "lm_eval_nll") and not bench.task:
-            raise ConfigError(f"eval.benchmarks.{name}.task (the lm-eval task name) is not set")
-        if bench.kind == "text_nll" and not bench.target:
-            raise ConfigError(f"eval.benchmarks.{name}.target (the text's template, e.g. '{{{{passage}}}}') is not set")
         if bench.limit is not None and bench.limit < 1:
             raise ConfigError(f"eval.benchmarks.{name}.limit must be >= 1 or null, got {bench.limit}")
         if bench.max_new_tokens < 1:
             raise ConfigError(f"eval.benchmarks.{name}.max_new_tokens must be >= 1, got {bench.max_new_tokens}")
+        if scorer.check is not None:
+            scorer.check(name, bench, ev)
     for model in ev.models:
         if model not in RUN_MODELS and not Path(model).expanduser().exists() and "/" not in model:
             raise ConfigError(f"eval.models entry '{model}' is not base, init, trained, an existing model "
@@ -75,52 +71,17 @@ def check_eval_config(ev: Any) -> None:
         raise ConfigError(f"eval.engine must be one of {', '.join(ENGINES)}, got '{ev.engine}'")
     if ev.engine == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ConfigError("eval.engine=vllm but vllm is not installed (pip install vllm)")
-    if ev.code.backend not in ("builtin", "bigcode"):
-        raise ConfigError(f"eval.code.backend must be builtin or bigcode, got '{ev.code.backend}'")
-    if ev.code.backend == "bigcode" and not (ev.code.bigcode_path and Path(ev.code.bigcode_path).is_dir()):
-        raise ConfigError(f"eval.code.backend=bigcode needs eval.code.bigcode_path, a bigcode-evaluation-harness "
-                          f"checkout; got '{ev.code.bigcode_path}'")
-    check_code_settings(ev.code)
-    if ev.mtbench.judge_url and any(b.kind == "mtbench" for b in ev.benchmarks.values()):
-        judge_key(ev.mtbench.judge_url, ev.mtbench.judge_key_env)
-
-
-def check_code_settings(code: Any) -> None:
-    """ConfigError on an ``eval.code`` value that cannot work (checked at compose time and by the scorer)."""
-    for key, low in (("n_samples", 1), ("workers", 1), ("max_length", 1), ("timeout_s", 1e-3), ("temperature", 0),
-                     ("memory_mb", 0)):
-        if code[key] < low:
-            raise ConfigError(f"eval.code.{key} must be >= {low}, got {code[key]}")
-    if not 0.0 < code["top_p"] <= 1.0:
-        raise ConfigError(f"eval.code.top_p must be in (0, 1], got {code['top_p']}")
-    from lnull.evaluate.sandbox import check_isolation
-
-    check_isolation(code["isolation"], probe=False)  # the name only: the machine is probed before scoring
-
-
-def judge_key(url: str, key_env: str) -> Optional[str]:
-    """The MT-Bench judge's API key from ``$key_env``; ConfigError when a non-local judge has none."""
-    key = os.environ.get(key_env)
-    if not key and (urlparse(url).hostname or "") not in ("localhost", "127.0.0.1", "::1"):
-        raise ConfigError(f"eval.mtbench.judge_url={url} needs an API key in the environment variable "
-                          f"{key_env} (eval.mtbench.judge_key_env), which is not set")
-    return key
 
 
 def check_benchmark_inputs(name: str, bench: dict[str, Any], cache_dir: Any,
                            eval_cfg: Optional[dict[str, Any]] = None) -> None:
-    """Before any model is loaded: the benchmark's data is here, an lm-eval task name exists, and (given
-    ``eval_cfg``) this machine can isolate the programs a code benchmark runs."""
+    """Before any model is loaded: the kind's own input check (``Scorer.check_inputs``: an lm-eval task name
+    exists; given ``eval_cfg``, this machine can isolate the programs a code benchmark runs), then the
+    benchmark's data is here."""
     from lnull.data.sources import check_available
 
-    if bench["kind"] == "code" and eval_cfg is not None and eval_cfg["code"]["backend"] == "builtin":
-        from lnull.evaluate.sandbox import check_isolation
-
-        check_isolation(eval_cfg["code"]["isolation"])
-
+    check = scorer_of(bench["kind"]).check_inputs
+    if check is not None:
+        check(name, bench, cache_dir, eval_cfg)
     if bench.get("dataset") and bench["dataset"] != "hub":
         check_available(bench["dataset"], cache_dir, f"eval.benchmarks.{name}.dataset")
-    if bench["kind"] in ("lm_eval", "lm_eval_nll"):
-        from lnull.evaluate.harness import builtin_task_yaml
-
-        builtin_task_yaml(bench["task"])
