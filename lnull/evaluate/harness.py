@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lnull.errors import ConfigError
+from lnull.evaluate.base import Scorer, loads_always, register
 
 # The number each paper reports.  Knowledge (LoRA-Null): 0-shot exact match.  Commonsense (OPLoRA's
 # forgetting tables): the paper names no variant, so we follow the usual lm-eval reporting: length-normalised
@@ -233,3 +234,19 @@ def score(name: str, bench: dict[str, Any], ctx: Any) -> dict[str, Any]:
                                      generation_kwargs=config.get("generation_kwargs"),
                                      max_gen_toks=gen.get("max_gen_toks", lm.max_gen_toks) if gen else None),
             "examples": _examples(samples, primary)}
+
+
+def check_task_named(name: str, bench: Any, ev: Any) -> None:
+    """Compose time: ``task`` names the lm-eval task."""
+    if not bench["task"]:
+        raise ConfigError(f"eval.benchmarks.{name}.task (the lm-eval task name) is not set")
+
+
+def check_task_exists(name: str, bench: Any, cache_dir: Any, ev: Any) -> None:
+    """Before any model loads: lm-eval knows the task (ConfigError naming close names)."""
+    builtin_task_yaml(bench["task"])
+
+
+register(Scorer(kind="lm_eval", score=score, packages=("lm_eval",), needs_weights=loads_always,
+                check=check_task_named, check_inputs=check_task_exists,
+                description="an lm-eval task (its metric), local data swapped in through a generated task"))
