@@ -11,6 +11,18 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true", default=False,
+                     help="rewrite tests/golden/*.json from this run instead of comparing with them "
+                          "(commit the change with the code that made it)")
+
+
+@pytest.fixture(scope="session")
+def update_golden(request) -> bool:
+    """True under ``pytest --update-golden``: golden tests write their expected values instead of checking."""
+    return bool(request.config.getoption("--update-golden"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):
     """Point LNULL_CACHE at a temp folder (the tiny model is materialised there once) unless the caller
