@@ -169,7 +169,7 @@ def test_score_runs_on_the_tiny_model(tiny_base_context, tmp_path):
     cfg, ctx = tiny_base_context("eval=code", "eval.limit=2", f"eval.benchmarks.humaneval.dataset={data}",
                                  "eval.code.max_length=300")
     rec = score_one("humaneval", cfg["eval"]["benchmarks"]["humaneval"], ctx)
-    assert rec["metric"] == "pass@1" and rec["n"] == 2 and 0.0 <= rec["value"] <= 100.0
+    assert rec["metric"] == "pass@1" and rec["n"] == 2 and rec["value"] == 0.0  # a random tiny model solves none
     assert rec["kind"] == "code" and rec["settings"]["max_length"] == 300 and len(rec["details"]["examples"]) == 2
     assert rec["stderr"] is not None  # binomial, over the problems
     assert len(next(ctx.work_dir.glob("generations-*.jsonl")).read_text().splitlines()) == 2

@@ -100,7 +100,7 @@ def test_offline_nq_open_on_a_local_file_records_versions_and_bos(tiny_cfg, tmp_
     data = _jsonl(tmp_path / "nq.jsonl", rows)
     ctx = _ctx(tiny_cfg("eval.limit=3"), build_model(tokenizer), tokenizer, tmp_path)
     rec = score("nq", _bench("nq_open", str(data)), ctx)
-    assert rec["metric"] == "exact_match" and rec["n"] == 3 and 0.0 <= rec["value"] <= 100.0
+    assert rec["metric"] == "exact_match" and rec["n"] == 3 and rec["value"] == 0.0  # random tiny model, greedy
     assert rec["lm_eval_version"] == version("lm_eval")
     assert rec["task_version"] == load_yaml(builtin_task_yaml("nq_open"))["metadata"]["version"]
     assert rec["settings"]["add_bos"] is True and rec["settings"]["num_fewshot"] == 0

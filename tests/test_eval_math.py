@@ -153,10 +153,10 @@ def test_score_runs_on_the_tiny_model(tiny_base_context, tmp_path):
     cfg, ctx = tiny_base_context("eval=math", "eval.limit=2", f"eval.benchmarks.gsm8k.dataset={data}",
                                  "eval.benchmarks.gsm8k.max_new_tokens=8")
     rec = score_one("gsm8k", cfg["eval"]["benchmarks"]["gsm8k"], ctx)
-    assert rec["metric"] == "accuracy" and rec["n"] == 2 and 0.0 <= rec["value"] <= 100.0
+    assert rec["metric"] == "accuracy" and rec["n"] == 2 and rec["value"] == 0.0  # a random tiny model solves none
     details = rec["details"]  # everything the scorer reports beyond the record's core fields
     assert rec["kind"] == "math" and rec["settings"]["max_new_tokens"] == 8 and len(details["examples"]) == 2
-    assert details["fallback_accepted"] >= 0 and details["examples"][1]["gold"] == "3"
+    assert details["fallback_accepted"] == 0 and details["examples"][1]["gold"] == "3"
     assert len((ctx.work_dir / "completions.jsonl").read_text().splitlines()) == 2
 
 

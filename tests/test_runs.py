@@ -57,7 +57,7 @@ def test_tiny_end_to_end_killed_after_init_resumes(tmp_path):
     assert len(metrics) == 30 and metrics[-1]["loss"] < metrics[0]["loss"]
     results = json.loads((run_dir / "eval" / "results.json").read_text())["results"]
     assert {(r["model"], r["benchmark"]) for r in results} == {("base", "synthetic_facts"), ("trained", "synthetic_facts")}
-    assert all(r["n"] == 64 and 0 <= r["value"] <= 100 for r in results)
+    assert all(r["n"] == 64 and r["value"] == 0.0 and r["stderr"] == 0.0 for r in results)  # 30 steps teach no fact
     cfg = json.loads(json.dumps(__import__("yaml").safe_load((run_dir / "config.yaml").read_text())))
     assert cfg["run"]["dir"] == str(run_dir) and cfg["method"]["rank"] == 4
     by_model = {r["model"]: r for r in results}
