@@ -65,7 +65,7 @@ class TrainIdentity:
 @dataclass
 class ScorerIdentity:
     kind: str
-    version: str  # lnull's scorer version (lnull.evaluate.registry.SCORER_VERSIONS)
+    version: str  # the scorer's version with its packages' (lnull.evaluate.base.Scorer.full_version)
     lm_eval_version: Optional[str]
     task: Optional[str]
     task_version: Optional[str]
