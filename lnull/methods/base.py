@@ -23,13 +23,14 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from lnull.activations import STATS
 from lnull.config import MethodConfig
 
 # Calibration statistics a method can ask for (keys ``<module>.<statistic>`` of calibration/stats.safetensors):
 # - "covariance": C = sum_t x_t x_t^T over all calibration tokens (the papers' X X^T; under
 #   ``calibration.official`` the official LoRA-Null code's normalised sum instead);
 # - "max_normalized_covariance": mean over samples of (x / |max(x)|)^T (x / |max(x)|), PEFT's CorDA statistic.
-STATISTICS = ("covariance", "max_normalized_covariance")
+STATISTICS = STATS  # what calibration collects (lnull.activations): a method reads one of them
 
 Factors = dict[str, torch.Tensor]  # module -> A [r, d_in] or B [d_out, r]
 
