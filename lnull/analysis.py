@@ -21,13 +21,15 @@ import io
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from lnull.io import atomic_write_json, atomic_write_text, save_png
 from lnull.methods import method_of
 from lnull.methods.linalg import svd64
+
+Factors = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]  # ({module: A}, {module: B}, scale)
 
 
 def effective_rank(singular_values: torch.Tensor) -> float:
@@ -135,6 +137,12 @@ def _adapter(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Ten
 
 # ---------------------------------------------------------------- the stage
 
+NO_CALIBRATION = "calibrate stage not complete for this config (run `lnull calibrate`)"
+NO_ADAPTER = "no adapter: the method has none (full fine-tuning)"
+NO_INIT = "init stage not complete for this config (run `lnull init`)"
+NO_TRAIN = "train stage not complete for this config (run `lnull train`)"
+
+
 def run_analysis(cfg: dict[str, Any]) -> list[Path]:
     """`lnull analyze`: the run's ``analysis/`` files (``summary.json`` last)."""
     from lnull.pipeline import run_pipeline
@@ -145,159 +153,203 @@ def run_analysis(cfg: dict[str, Any]) -> list[Path]:
     return [folder / name for name in names] + [folder / "summary.json"]
 
 
+class Parts:
+    """Each part's outcome in the order the parts ran (``summary.json``): done with its files, or skipped."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.parts: dict[str, dict[str, Any]] = {}
+
+    def done(self, part: str, *paths: Path, **extra: Any) -> None:
+        self.parts[part] = {"status": "done", "files": [p.name for p in paths], **extra}
+
+    def skip(self, part: str, reason: str) -> None:
+        self.parts[part] = {"status": "skipped", "reason": reason}
+        for stale in self.out.glob(f"{part}.*"):  # from an earlier analysis of this folder
+            stale.unlink()
+
+    def finish(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        """Write ``summary.json``; the stage summary: per part ``done`` or ``skipped``."""
+        atomic_write_json(self.out / "summary.json", {"method": cfg["method"]["name"], "parts": self.parts})
+        return {part: info["status"] for part, info in self.parts.items()}
+
+
 def run(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
     """Stage entry: write the analysis into ``ctx.out`` from whatever of calibration / init / train is
     complete for this config; return per part ``done`` or ``skipped`` (also in ``summary.json``)."""
-    from safetensors.torch import load_file
-
     from lnull.activations import load_statistic
     from lnull.modeling import load_model, original_path, target_linears
-    from lnull.residual import subtract_initial_update
 
-    out = ctx.out
     calib_dir, init_dir, train_dir = (ctx.maybe_input(s) for s in ("calibrate", "init", "train"))
     model = load_model(original_path(cfg), "float32")
     W0 = {n: lin.weight.detach().double() for n, lin in target_linears(model, cfg["model"]["target_modules"]).items()}
-    modules = list(W0)
-    shown = _plotted(modules)
-    parts: dict[str, dict[str, Any]] = {}
-
-    def done(part: str, *paths: Path, **extra: Any) -> None:
-        parts[part] = {"status": "done", "files": [p.name for p in paths], **extra}
-
-    def skip(part: str, reason: str) -> None:
-        parts[part] = {"status": "skipped", "reason": reason}
-        for stale in out.glob(f"{part}.*"):  # from an earlier analysis of this folder
-            stale.unlink()
-
-    has_cal, has_init, has_train = calib_dir is not None, init_dir is not None, train_dir is not None
-    init_adapter = init_dir / "adapter" if has_init else None
-    train_adapter = train_dir / "adapter" if has_train else None
-    no_cal = "calibrate stage not complete for this config (run `lnull calibrate`)"
-    no_adapter = "no adapter: the method has none (full fine-tuning)"
-
-    # ---- effective rank + spectra (Table 2, Fig. 2)
-    svals_W = {n: torch.linalg.svdvals(w) for n, w in W0.items()}
-    covs = load_statistic(calib_dir) if has_cal else {}
+    parts = Parts(ctx.out)
+    covs = load_statistic(calib_dir) if calib_dir is not None else {}
     svals_X = {n: activation_singular_values(c) for n, c in covs.items()}
-    if has_cal:
-        er = [[n, kind, effective_rank(s[n])] for n in modules for kind, s in (("weight", svals_W), ("activation", svals_X))]
-        fig, axes = _figure(width=max(7.0, 0.35 * len(modules)))
-        x = torch.arange(len(modules)).tolist()
-        for off, kind in ((-0.2, "weight"), (0.2, "activation")):
-            axes[0, 0].bar([i + off for i in x], [r[2] for r in er if r[1] == kind], width=0.4, label=kind)
-        axes[0, 0].set_xticks(x, [_short(n) for n in modules], rotation=90, fontsize=7)
-        axes[0, 0].set(ylabel="effective rank", title="Effective rank of W0 and X per module")
-        axes[0, 0].legend()
-        done("effective_rank", _write_csv(out / "effective_rank.csv", ["module", "matrix", "effective_rank"], er),
-             _save_png(fig, out / "effective_rank.png"))
-
-        spec = [[n, kind, i, float(v)] for n in modules for kind, s in (("weight", svals_W), ("activation", svals_X))
-                for i, v in enumerate(s[n].tolist())]
-        fig, axes = _figure(2)
-        for ax, kind, s in ((axes[0, 0], "activation", svals_X), (axes[0, 1], "weight", svals_W)):
-            for n in shown:
-                ax.plot(s[n].clamp_min(1e-30).tolist(), label=_short(n))
-            ax.set(yscale="log", xlabel="index i", ylabel="singular value",
-                   title=f"{'X (sqrt eig C)' if kind == 'activation' else 'W0'}")
-            ax.legend(fontsize=7)
-        done("spectra", _write_csv(out / "spectra.csv", ["module", "matrix", "index", "value"], spec),
-             _save_png(fig, out / "spectra.png"), plotted=shown)
-    else:
-        skip("effective_rank", no_cal)
-        skip("spectra", no_cal)
-
-    # ---- adapter-based parts need init/adapter
-    A0 = B0 = None
-    if has_init and init_adapter.exists():
-        A0, B0, scale = _adapter(init_adapter)
-
-    # ---- projection profile (Fig. 4) and Table 1
-    if A0 is None:
-        reason = no_adapter if has_init else "init stage not complete for this config (run `lnull init`)"
-        for part in ("projection_profile", "table1"):
-            skip(part, reason)
-    elif not has_cal:
-        for part in ("projection_profile", "table1"):
-            skip(part, no_cal)
-    else:
-        subtract_initial_update(model, init_adapter)  # the fp32 model becomes the init's residual model
-        W_res = {f"{n}.weight": model.get_submodule(n).weight.detach() for n in modules}
-        prof, table, curves = [], [], {}
-        for n in modules:
-            _, U = eigenbasis_desc(covs[n])
-            pa, energy = projection_profile(A0[n], U)
-            prof += [[n, i, float(p), float(e)] for i, (p, e) in enumerate(zip(pa.tolist(), energy.tolist()))]
-            curves[n] = energy.cumsum(0)
-            r, d_in = A0[n].shape
-            m = max(1, min(round(effective_rank(svals_X[n])), d_in - r))
-            res_change = float((W_res[f"{n}.weight"].double() - W0[n]).norm() / W0[n].norm())
-            table.append([n, res_change, m, float(energy[:m].sum()), float(energy[-r:].sum())])
-        table.append(["mean", *[sum(row[c] for row in table) / len(table) for c in (1, 2, 3, 4)]])
-        fig, axes = _figure()
-        for n in shown:
-            axes[0, 0].plot(range(1, len(curves[n]) + 1), curves[n].tolist(), label=_short(n))
-        axes[0, 0].set(xlabel="i (eigenvectors of C, descending eigenvalue)", ylabel="cumulative energy of A",
-                       title=f"Projection of A onto eigenvectors of C ({cfg['method']['name']})", ylim=(-0.02, 1.02))
-        axes[0, 0].legend(fontsize=7)
-        done("projection_profile",
-             _write_csv(out / "projection_profile.csv", ["module", "i", "pa_i", "energy_i"], prof),
-             _save_png(fig, out / "projection_profile.png"),
-             note="i sorted by descending eigenvalue of C; pa_i = sum_j |(A U)_ji| (paper Eq. 13); "
-                  "energy_i = ||A u_i||^2/||A||_F^2 (sums to 1 per module)")
-        done("table1", _write_csv(out / "table1.csv", ["module", "residual_rel_change", "m", "A_energy_top_m",
-                                                       "A_energy_bottom_r"], table),
-             note="residual_rel_change = ||W_res - W0||_F/||W0||_F; A_energy_top_m = share of ||A||_F^2 in the "
-                  "top-m eigen-space of C, m = min(round(eRank(X)), d_in - r); A_energy_bottom_r: in U_null")
-
-    # ---- relative change (Fig. 1) and rho_k need the trained model
-    if not has_train:
+    effective_rank_and_spectra(parts, W0, svals_X, calib_dir is not None)
+    init_adapter = init_dir / "adapter" if init_dir is not None else None
+    init = _adapter(init_adapter) if init_adapter is not None and init_adapter.exists() else None
+    projection_profile_and_table1(parts, cfg, model, W0, covs, svals_X, init_adapter, init, calib_dir is not None)
+    if train_dir is None:
         for part in ("relative_change", "rho_k"):
-            skip(part, "train stage not complete for this config (run `lnull train`)")
-        atomic_write_json(out / "summary.json", {"method": cfg["method"]["name"], "parts": parts})
-        return _summary(parts)
-    k = int(cfg["analysis"]["k"])
-    if A0 is not None and train_adapter.exists():
-        A1, B1, _ = _adapter(train_adapter)
-        method = method_of(init_adapter)
-        if method is not None and method.effective_factors is not None:  # e.g. OPLoRA: A P_V, P_U B
-            A0, B0 = method.effective_factors(A0, B0, init_adapter)
-            A1, B1 = method.effective_factors(A1, B1, init_adapter)
-        rel, rk = [], []
-        for n in modules:
-            for name, new, old in (("A", A1[n], A0[n]), ("B", B1[n], B0[n])):
-                value, relative = relative_change(new, old)
-                rel.append([n, name, value, "relative" if relative else "absolute (||M0|| = 0)"])
-            delta = scale * (B1[n] @ A1[n] - B0[n] @ A0[n])
-            rk.append([n, min(k, min(W0[n].shape)), rho_k(W0[n], W0[n] + delta, min(k, min(W0[n].shape))),
-                       float(delta.norm())])
-        fig, axes = _figure(width=max(7.0, 0.35 * len(modules)))
-        x = list(range(len(modules)))
-        for off, name in ((-0.2, "A"), (0.2, "B")):
-            axes[0, 0].bar([i + off for i in x], [r[2] for r in rel if r[1] == name], width=0.4,
-                           label=f"||{name}*-{name}0||/||{name}0||" if all(r[3] == "relative" for r in rel
-                                                                          if r[1] == name) else f"{name} (absolute)")
-        axes[0, 0].set_xticks(x, [_short(n) for n in modules], rotation=90, fontsize=7)
-        axes[0, 0].set(ylabel="change", title=f"Change of the adapter in training ({cfg['method']['name']})")
-        axes[0, 0].legend()
-        done("relative_change", _write_csv(out / "relative_change.csv", ["module", "matrix", "value", "kind"], rel),
-             _save_png(fig, out / "relative_change.png"))
+            parts.skip(part, NO_TRAIN)
+        return parts.finish(cfg)
+    train_adapter = train_dir / "adapter"
+    if init is not None and train_adapter.exists():
+        factors = effective_factors(init_adapter, init, _adapter(train_adapter))
+        relative_change_part(parts, cfg, W0, factors)
+        rk = rho_k_of_adapters(W0, factors, init[2], int(cfg["analysis"]["k"]))
     else:
-        skip("relative_change", no_adapter)
-        trained = load_file(str(train_dir / "model" / "model.safetensors"))
-        rk = []
-        for n in modules:
-            kk = min(k, min(W0[n].shape))
-            W1 = trained[f"{n}.weight"].double()
-            rk.append([n, kk, rho_k(W0[n], W1, kk), float((W1 - W0[n]).norm())])
-    rk.append(["mean", k, sum(r[2] for r in rk) / len(rk), sum(r[3] for r in rk) / len(rk)])
-    done("rho_k", _write_csv(out / "rho_k.csv", ["module", "k", "rho_k", "delta_norm"], rk),
-         note="rho_k = ||U_k U_k^T dW||_F^2/||dW||_F^2, U_k top-k left singular vectors of W0 (OPLoRA Eq. 5); "
-              "dW = s(B*A* - B0A0) of the effective factors (OPLoRA: P_U B, A P_V), or W_trained - W0 for full "
-              "fine-tuning")
-    atomic_write_json(out / "summary.json", {"method": cfg["method"]["name"], "parts": parts})
-    return _summary(parts)
+        parts.skip("relative_change", NO_ADAPTER)
+        rk = rho_k_of_trained_model(W0, train_dir / "model" / "model.safetensors", int(cfg["analysis"]["k"]))
+    rho_k_part(parts, rk, int(cfg["analysis"]["k"]))
+    return parts.finish(cfg)
 
 
-def _summary(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    return {part: info["status"] for part, info in parts.items()}
+def effective_rank_and_spectra(parts: Parts, W0: dict[str, torch.Tensor], svals_X: dict[str, torch.Tensor],
+                               calibrated: bool) -> None:
+    """Parts ``effective_rank`` (Table 2) and ``spectra`` (Fig. 2): eRank and singular values of W0 and X."""
+    if not calibrated:
+        parts.skip("effective_rank", NO_CALIBRATION)
+        parts.skip("spectra", NO_CALIBRATION)
+        return
+    out, modules = parts.out, list(W0)
+    svals_W = {n: torch.linalg.svdvals(w) for n, w in W0.items()}
+    er = [[n, kind, effective_rank(s[n])] for n in modules for kind, s in (("weight", svals_W), ("activation", svals_X))]
+    fig, axes = _figure(width=max(7.0, 0.35 * len(modules)))
+    x = torch.arange(len(modules)).tolist()
+    for off, kind in ((-0.2, "weight"), (0.2, "activation")):
+        axes[0, 0].bar([i + off for i in x], [r[2] for r in er if r[1] == kind], width=0.4, label=kind)
+    axes[0, 0].set_xticks(x, [_short(n) for n in modules], rotation=90, fontsize=7)
+    axes[0, 0].set(ylabel="effective rank", title="Effective rank of W0 and X per module")
+    axes[0, 0].legend()
+    parts.done("effective_rank", _write_csv(out / "effective_rank.csv", ["module", "matrix", "effective_rank"], er),
+               _save_png(fig, out / "effective_rank.png"))
+
+    shown = _plotted(modules)
+    spec = [[n, kind, i, float(v)] for n in modules for kind, s in (("weight", svals_W), ("activation", svals_X))
+            for i, v in enumerate(s[n].tolist())]
+    fig, axes = _figure(2)
+    for ax, kind, s in ((axes[0, 0], "activation", svals_X), (axes[0, 1], "weight", svals_W)):
+        for n in shown:
+            ax.plot(s[n].clamp_min(1e-30).tolist(), label=_short(n))
+        ax.set(yscale="log", xlabel="index i", ylabel="singular value",
+               title=f"{'X (sqrt eig C)' if kind == 'activation' else 'W0'}")
+        ax.legend(fontsize=7)
+    parts.done("spectra", _write_csv(out / "spectra.csv", ["module", "matrix", "index", "value"], spec),
+               _save_png(fig, out / "spectra.png"), plotted=shown)
+
+
+def projection_profile_and_table1(parts: Parts, cfg: dict[str, Any], model: torch.nn.Module,
+                                  W0: dict[str, torch.Tensor], covs: dict[str, torch.Tensor],
+                                  svals_X: dict[str, torch.Tensor], init_adapter: Optional[Path],
+                                  init: Optional[Factors], calibrated: bool) -> None:
+    """Parts ``projection_profile`` (Fig. 4) and ``table1`` (measured AAAI Table 1) from the calibration and the
+    init adapter. ``model`` (the original, fp32) becomes the init's residual model."""
+    from lnull.residual import subtract_initial_update
+
+    if init is None:
+        for part in ("projection_profile", "table1"):
+            parts.skip(part, NO_ADAPTER if init_adapter is not None else NO_INIT)
+        return
+    if not calibrated:
+        for part in ("projection_profile", "table1"):
+            parts.skip(part, NO_CALIBRATION)
+        return
+    out, modules, A0 = parts.out, list(W0), init[0]
+    subtract_initial_update(model, init_adapter)
+    W_res = {f"{n}.weight": model.get_submodule(n).weight.detach() for n in modules}
+    prof, table, curves = [], [], {}
+    for n in modules:
+        _, U = eigenbasis_desc(covs[n])
+        pa, energy = projection_profile(A0[n], U)
+        prof += [[n, i, float(p), float(e)] for i, (p, e) in enumerate(zip(pa.tolist(), energy.tolist()))]
+        curves[n] = energy.cumsum(0)
+        r, d_in = A0[n].shape
+        m = max(1, min(round(effective_rank(svals_X[n])), d_in - r))
+        res_change = float((W_res[f"{n}.weight"].double() - W0[n]).norm() / W0[n].norm())
+        table.append([n, res_change, m, float(energy[:m].sum()), float(energy[-r:].sum())])
+    table.append(["mean", *[sum(row[c] for row in table) / len(table) for c in (1, 2, 3, 4)]])
+    fig, axes = _figure()
+    for n in _plotted(modules):
+        axes[0, 0].plot(range(1, len(curves[n]) + 1), curves[n].tolist(), label=_short(n))
+    axes[0, 0].set(xlabel="i (eigenvectors of C, descending eigenvalue)", ylabel="cumulative energy of A",
+                   title=f"Projection of A onto eigenvectors of C ({cfg['method']['name']})", ylim=(-0.02, 1.02))
+    axes[0, 0].legend(fontsize=7)
+    parts.done("projection_profile",
+               _write_csv(out / "projection_profile.csv", ["module", "i", "pa_i", "energy_i"], prof),
+               _save_png(fig, out / "projection_profile.png"),
+               note="i sorted by descending eigenvalue of C; pa_i = sum_j |(A U)_ji| (paper Eq. 13); "
+                    "energy_i = ||A u_i||^2/||A||_F^2 (sums to 1 per module)")
+    parts.done("table1", _write_csv(out / "table1.csv", ["module", "residual_rel_change", "m", "A_energy_top_m",
+                                                         "A_energy_bottom_r"], table),
+               note="residual_rel_change = ||W_res - W0||_F/||W0||_F; A_energy_top_m = share of ||A||_F^2 in the "
+                    "top-m eigen-space of C, m = min(round(eRank(X)), d_in - r); A_energy_bottom_r: in U_null")
+
+
+def effective_factors(init_adapter: Path, init: Factors, trained: Factors) -> tuple[Factors, Factors]:
+    """(init, trained) factors as the method computes with them (e.g. OPLoRA: A P_V, P_U B), else as stored."""
+    (A0, B0, scale), (A1, B1, trained_scale) = init, trained
+    method = method_of(init_adapter)
+    if method is not None and method.effective_factors is not None:
+        A0, B0 = method.effective_factors(A0, B0, init_adapter)
+        A1, B1 = method.effective_factors(A1, B1, init_adapter)
+    return (A0, B0, scale), (A1, B1, trained_scale)
+
+
+def relative_change_part(parts: Parts, cfg: dict[str, Any], W0: dict[str, torch.Tensor],
+                         factors: tuple[Factors, Factors]) -> None:
+    """Part ``relative_change`` (Fig. 1): ||A*-A0||/||A0||, ||B*-B0||/||B0|| of the effective factors."""
+    (A0, B0, _), (A1, B1, _) = factors
+    modules = list(W0)
+    rel = []
+    for n in modules:
+        for name, new, old in (("A", A1[n], A0[n]), ("B", B1[n], B0[n])):
+            value, relative = relative_change(new, old)
+            rel.append([n, name, value, "relative" if relative else "absolute (||M0|| = 0)"])
+    fig, axes = _figure(width=max(7.0, 0.35 * len(modules)))
+    x = list(range(len(modules)))
+    for off, name in ((-0.2, "A"), (0.2, "B")):
+        axes[0, 0].bar([i + off for i in x], [r[2] for r in rel if r[1] == name], width=0.4,
+                       label=f"||{name}*-{name}0||/||{name}0||" if all(r[3] == "relative" for r in rel
+                                                                      if r[1] == name) else f"{name} (absolute)")
+    axes[0, 0].set_xticks(x, [_short(n) for n in modules], rotation=90, fontsize=7)
+    axes[0, 0].set(ylabel="change", title=f"Change of the adapter in training ({cfg['method']['name']})")
+    axes[0, 0].legend()
+    parts.done("relative_change",
+               _write_csv(parts.out / "relative_change.csv", ["module", "matrix", "value", "kind"], rel),
+               _save_png(fig, parts.out / "relative_change.png"))
+
+
+def rho_k_of_adapters(W0: dict[str, torch.Tensor], factors: tuple[Factors, Factors], scale: float,
+                      k: int) -> list[list[Any]]:
+    """[module, k, rho_k, ||dW||] with dW = s (B* A* - B0 A0) of the effective factors."""
+    (A0, B0, _), (A1, B1, _) = factors
+    rows = []
+    for n, w in W0.items():
+        kk = min(k, min(w.shape))
+        delta = scale * (B1[n] @ A1[n] - B0[n] @ A0[n])
+        rows.append([n, kk, rho_k(w, w + delta, kk), float(delta.norm())])
+    return rows
+
+
+def rho_k_of_trained_model(W0: dict[str, torch.Tensor], weights: Path, k: int) -> list[list[Any]]:
+    """[module, k, rho_k, ||dW||] with dW = W_trained - W0 (full fine-tuning)."""
+    from safetensors.torch import load_file
+
+    trained = load_file(str(weights))
+    rows = []
+    for n, w in W0.items():
+        kk = min(k, min(w.shape))
+        W1 = trained[f"{n}.weight"].double()
+        rows.append([n, kk, rho_k(w, W1, kk), float((W1 - w).norm())])
+    return rows
+
+
+def rho_k_part(parts: Parts, rows: list[list[Any]], k: int) -> None:
+    """Part ``rho_k`` (OPLoRA Eq. 5): the per-module rows and their mean."""
+    rows = rows + [["mean", k, sum(r[2] for r in rows) / len(rows), sum(r[3] for r in rows) / len(rows)]]
+    parts.done("rho_k", _write_csv(parts.out / "rho_k.csv", ["module", "k", "rho_k", "delta_norm"], rows),
+               note="rho_k = ||U_k U_k^T dW||_F^2/||dW||_F^2, U_k top-k left singular vectors of W0 (OPLoRA Eq. 5); "
+                    "dW = s(B*A* - B0A0) of the effective factors (OPLoRA: P_U B, A P_V), or W_trained - W0 for full "
+                    "fine-tuning")
