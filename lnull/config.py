@@ -219,6 +219,11 @@ class TableRowConfig:
     rank: Optional[int] = None
     calibration_samples: Optional[int] = None
     reported: Optional[str] = None  # analysis tables: the paper's qualitative verdict for this row
+    # A cited row ("reported, not reproduced"): never run; ``cited`` says where its numbers come from, ``values``
+    # are those numbers when the reported CSV lacks the row, ``params`` its printed trainable parameters.
+    cited: Optional[str] = None
+    values: dict[str, float] = field(default_factory=dict)
+    params: Optional[int] = None
 
 
 TABLE_KINDS = ("results", "analysis", "retention")

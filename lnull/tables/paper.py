@@ -1,6 +1,10 @@
 """A paper table from its spec (``configs/table/<name>.yaml``): each row is the table's experiment with one
 method, composed as ``lnull run`` would compose it; its cells are the stored records of that config (looked up by
 key, so a row is done exactly when the store has its records) and the derived columns computed from them.
+
+A cited row (``cited:`` in its spec, e.g. RoseLoRA in extended Table 4, whose code is not public) is never run:
+its cells are the paper's numbers (the reported CSV's row, else the spec's ``values``), marked "reported, not
+reproduced" wherever the table is written.
 """
 from __future__ import annotations
 
@@ -32,10 +36,19 @@ class Row:
     x: Optional[int] = None  # the paper's value of the table's swept key (rank or calibration samples)
     cells: dict[str, Cell] = field(default_factory=dict)
     params: Optional[int] = None  # trainable parameters, measured by training
+    cited: Optional[str] = None  # a cited row: where its numbers come from (never run, never looked up)
+    cited_values: dict[str, float] = field(default_factory=dict)
 
     @property
     def is_base(self) -> bool:
         return self.method == "base"
+
+    @property
+    def is_cited(self) -> bool:
+        return self.cited is not None
+
+
+CITED = "reported, not reproduced"
 
 
 def row_overrides(table_cfg: dict[str, Any], row: dict[str, Any]) -> list[str]:
@@ -66,8 +79,16 @@ def compose_rows(table_cfg: dict[str, Any]) -> list[Row]:
     if not tcfg["rows"] or not tcfg["experiment"]:
         raise ConfigError(f"table '{tcfg['name']}' has no rows or no experiment: not a paper table")
     scale = table_cfg["scale"]
+    if all(spec.get("cited") for spec in tcfg["rows"]):
+        raise ConfigError(f"table '{tcfg['name']}' has only cited rows: nothing to run")
     rows = []
     for spec in tcfg["rows"]:
+        if spec.get("cited"):
+            rows.append(Row(spec.get("label") or spec["method"], spec["method"], {},
+                            spec.get("reported") or spec["method"], paper_rank=spec.get("rank"),
+                            paper_calib=spec.get("calibration_samples"), params=spec.get("params"),
+                            cited=spec["cited"], cited_values=dict(spec.get("values") or {})))
+            continue
         cfg = compose(row_overrides(table_cfg, spec))
         # the paper's values: the row's own, else the experiment's (exact: a scale's defaults are paper / divisor)
         rank = spec.get("rank") or cfg["method"]["rank"] * scale["rank_divisor"]
@@ -77,8 +98,12 @@ def compose_rows(table_cfg: dict[str, Any]) -> list[Row]:
                         spec.get("reported") or spec["method"], paper_rank=rank, paper_calib=calib, x=x))
     # The paper's model name at paper scale; the model actually run otherwise (demo scale, smoke overrides).
     paper_setting = table_cfg["scale"]["name"] == "paper" and not tcfg["overrides"]
-    base_label = (tcfg.get("base_label") if paper_setting else None) or rows[0].cfg["model"]["name"]
-    return [Row(f"{base_label} (pre-trained)", "base", rows[0].cfg, "base")] + rows
+    first = next(r for r in rows if not r.is_cited)
+    for row in rows:  # a cited row stands in the table's setting (never run: its cfg is read for nothing else)
+        if row.is_cited:
+            row.cfg = first.cfg
+    base_label = (tcfg.get("base_label") if paper_setting else None) or first.cfg["model"]["name"]
+    return [Row(f"{base_label} (pre-trained)", "base", first.cfg, "base")] + rows
 
 
 def columns(tcfg: dict[str, Any]) -> list[str]:
@@ -93,6 +118,8 @@ def columns(tcfg: dict[str, Any]) -> list[str]:
 def check_benchmarks(rows: list[Row], tcfg: dict[str, Any]) -> None:
     """Every raw column is a benchmark of every row's eval config (else a one-line ConfigError)."""
     for row in rows:
+        if row.is_cited:
+            continue
         have = row.cfg["eval"]["benchmarks"]
         for bench in list(tcfg["knowledge"]) + list(tcfg["downstream"]):
             if bench not in have:
@@ -101,12 +128,15 @@ def check_benchmarks(rows: list[Row], tcfg: dict[str, Any]) -> None:
 
 
 def fill(rows: list[Row], tcfg: dict[str, Any]) -> None:
-    """Cells of every row from the store (raw columns), then the derived columns."""
+    """Cells of every row from the store (raw columns; a cited row's from the paper), then the derived columns."""
     from lnull.evaluate import expected_records
     from lnull.layout import RunLayout
 
     raw = list(tcfg["knowledge"]) + list(tcfg["downstream"])
     for row in rows:
+        if row.is_cited:
+            fill_cited(row, raw, tcfg)
+            continue
         layout = RunLayout(row.cfg)
         keys = expected_records(layout, "base" if row.is_base else "trained")
         for bench in raw:
@@ -128,9 +158,23 @@ def fill(rows: list[Row], tcfg: dict[str, Any]) -> None:
             row.cells[column] = Cell(value, missing=None if value is not None else why or "not computable")
 
 
+def fill_cited(row: Row, raw: list[str], tcfg: dict[str, Any]) -> None:
+    """A cited row's raw cells: the reported CSV's row (``table.reported``) when it has one, else the spec's
+    ``values``; a column the paper does not print is missing as "not reported"."""
+    from pathlib import Path
+
+    from lnull.tables.reported import cited_values
+
+    values = cited_values(row, Path(tcfg["reported_dir"]), tcfg.get("reported"))
+    for bench in raw:
+        value = values.get(bench)
+        row.cells[bench] = Cell(value, missing=None if value is not None else "not reported")
+
+
 def status(rows: list[Row]) -> list[tuple[str, bool]]:
-    """(label, every raw cell present) per row."""
-    return [(row.label, all(c.missing != "not run" for c in row.cells.values())) for row in rows]
+    """(label, every raw cell present) per row; a cited row is never run, so it is never missing."""
+    return [(f"{row.label} ({CITED})" if row.is_cited else row.label,
+             row.is_cited or all(c.missing != "not run" for c in row.cells.values())) for row in rows]
 
 
 def run_missing(rows: list[Row], stages: Optional[list[str]], log: Callable[[str], None]) -> None:
@@ -140,6 +184,9 @@ def run_missing(rows: list[Row], stages: Optional[list[str]], log: Callable[[str
 
     for row in rows:
         if row.is_base:
+            continue
+        if row.is_cited:
+            log(f"[table] {row.label}: {CITED} ({row.cited}); not run")
             continue
         log(f"[table] {row.label}: +experiment={row.cfg['experiment']} method={row.method}")
         run_pipeline(row.cfg, stages=stages, log=log)

@@ -1,6 +1,7 @@
 """Rendering paper tables: Markdown, LaTeX (booktabs, escaped) and CSV, best bold, runner-up underlined.
 
-A missing cell is never 0: it shows "—" with a footnote saying why (not run, not scored).
+A missing cell is never 0: it shows "—" with a footnote saying why (not run, not scored). A cited row (never run,
+its cells the paper's numbers) is labelled "reported, not reproduced" with a † footnote saying where they come from.
 """
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ import csv
 import io
 from typing import Any, Callable, Optional
 
-from lnull.tables.paper import Cell, Row
+from lnull.tables.paper import CITED, Cell, Row
 from lnull.tables.reported import ReportedRow
 
 LABELS = {"triviaqa": "TriviaQA", "nq_open": "NQ Open", "webqs": "WebQS", "gsm8k": "GSM8K", "math": "MATH",
           "humaneval": "HumanEval", "mbpp": "MBPP", "mt_bench": "MT-Bench", "avg1": "Avg1", "avg1_per": "Avg1(Per)",
           "avg2": "Avg2", "gm": "GM", "avg": "Avg"}
 MISSING = "—"
+CITED_MARK = "†"
 LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
                  "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
 
@@ -49,12 +51,20 @@ def _number(cell: Cell, stderr: bool) -> str:
     return f"{cell.value:.2f}" + (f" ± {cell.stderr:.2f}" if stderr and cell.stderr is not None else "")
 
 
+def row_label(row: Row, mark: str = CITED_MARK) -> str:
+    """The row's label; a cited row's says it is reported, not reproduced (``mark`` points at its footnote)."""
+    return f"{row.label} ({CITED}){mark}" if row.is_cited else row.label
+
+
 def footnotes(rows: list[Row]) -> list[str]:
     reasons = sorted({c.missing for r in rows for c in r.cells.values() if c.missing})
     text = {"not run": "not run yet (no record in the store: `lnull table ... table.run_missing=true`)",
             "not scored": "not scored (the scorer recorded no value, e.g. MT-Bench without a judge)",
-            "not computable": "not computable (an input is missing, or a pre-trained score is 0)"}
-    return [f"{MISSING} {text.get(r, r)}" for r in reasons]
+            "not computable": "not computable (an input is missing, or a pre-trained score is 0)",
+            "not reported": "not reported (a cited row: its paper prints no value there)"}
+    cited = [f"{CITED_MARK} {r.label}: {CITED}. Never run by lnull; its numbers are cited from {r.cited}."
+             for r in rows if r.is_cited]
+    return cited + [f"{MISSING} {text.get(r, r)}" for r in reasons]
 
 
 def markdown(title: str, rows: list[Row], cols: list[str], lower: frozenset[str] | set[str] = frozenset(),
@@ -73,7 +83,7 @@ def markdown(title: str, rows: list[Row], cols: list[str], lower: frozenset[str]
             text = number(c, row.cells[c]) if number else _number(row.cells[c], stderr=True)
             place = marks[c].get(i)
             cells.append(f"**{text}**" if place == 1 else f"<u>{text}</u>" if place == 2 else text)
-        lines.append(f"| {row.label} | {params_text(row.params)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row_label(row)} | {params_text(row.params)} | " + " | ".join(cells) + " |")
     return "\n".join(lines + [""] + ([note] if note else []) + footnotes(rows)) + "\n"
 
 
@@ -86,9 +96,12 @@ def comparison_markdown(rows: list[Row], cols: list[str], reported: list[Optiona
         for c in cols:
             ours = row.cells[c].value
             paper = rep.values.get(c) if rep else None
+            if row.is_cited:  # nothing of ours: the cell is the paper's number
+                cells.append(f"cited / {MISSING if ours is None else f'{ours:.2f}'}")
+                continue
             cells.append(f"{'—' if ours is None else f'{ours:.2f}'} / {'n/a' if paper is None else f'{paper:.2f}'}"
                          + (f" ({ours - paper:+.2f})" if ours is not None and paper is not None else ""))
-        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row_label(row)} | " + " | ".join(cells) + " |")
     return "\n".join(lines + ["", "n/a: the paper prints no value there (or the row is not transcribed)."]) + "\n"
 
 
@@ -112,10 +125,13 @@ def latex(title: str, rows: list[Row], cols: list[str], lower: frozenset[str] | 
             text = "---" if v is None else f"{v:.2f}"
             place = marks[c].get(i)
             cells.append(rf"\textbf{{{text}}}" if place == 1 else rf"\underline{{{text}}}" if place == 2 else text)
-        out.append(" & ".join([latex_escape(row.label), latex_escape(params_text(row.params))] + cells) + r" \\")
+        name = latex_escape(row_label(row, mark="")) + (r"\textsuperscript{\dag}" if row.is_cited else "")
+        out.append(" & ".join([name, latex_escape(params_text(row.params))] + cells) + r" \\")
         if row.is_base:
             out.append(r"\midrule")
-    out += [r"\bottomrule", r"\end{tabular}"] + [f"% {latex_escape(n)}" for n in footnotes(rows)]
+    notes = [r"\dag{} " + latex_escape(n[len(CITED_MARK):].lstrip()) if n.startswith(CITED_MARK) else latex_escape(n)
+             for n in footnotes(rows)]
+    out += [r"\bottomrule", r"\end{tabular}"] + [f"% {n}" for n in notes]
     return "\n".join(out) + "\n"
 
 
@@ -130,8 +146,10 @@ def csv_text(rows: list[Row], cols: list[str], reported: list[Optional[ReportedR
             cell = row.cells[c]
             paper = rep.values.get(c) if rep else None
             writer.writerow([row.label, row.method, row.params or "", row.x if row.x is not None else "",
-                             c, _fmt(cell.value), _fmt(cell.stderr), cell.missing or "ok", _fmt(paper),
-                             _fmt(cell.value - paper if cell.value is not None and paper is not None else None)])
+                             c, _fmt(cell.value), _fmt(cell.stderr), CITED if row.is_cited else cell.missing or "ok",
+                             _fmt(cell.value if row.is_cited else paper),
+                             _fmt(cell.value - paper if cell.value is not None and paper is not None
+                                  and not row.is_cited else None)])
     return buf.getvalue()
 
 

@@ -116,3 +116,18 @@ def audit(tables: dict[str, list[ReportedRow]]) -> list[Disagreement]:
                     label = row.method if row.is_base else f"{row.method} r={row.rank} n={row.calib_samples}"
                     found.append(Disagreement(name, label, column, printed, fn(raw, base)))
     return found
+
+
+def cited_values(row, folder: Path, table: Optional[str]) -> dict[str, float]:
+    """The numbers of a cited row (``lnull.tables.paper.Row`` with ``cited``): the reported CSV's row of
+    ``table`` (``<source>:<table>``) under the row's reported name when the CSV has it, else the row's own
+    ``values`` from its spec (transcribed in the table config)."""
+    if table:
+        try:
+            printed = load(folder).get(table, [])
+        except ConfigError:
+            printed = []
+        found = find(printed, row.reported_as, row.paper_rank, row.paper_calib) if printed else None
+        if found is not None:
+            return dict(found.values)
+    return dict(row.cited_values)
