@@ -118,14 +118,14 @@ def test_cited_row_numbers_come_from_the_reported_csv_when_it_has_them(tmp_path)
 
 
 def test_offline_the_one_line_message_says_to_point_task_dataset_at_a_local_file(tmp_path, monkeypatch):
+    """`make ext-table4` without the hub: the first row's pre-flight stops it (before any model loads) with one
+    line naming task.dataset."""
     import lnull.data.sources as sources
-    from lnull.layout import RunLayout
-    from lnull.pipeline import check_inputs
 
     _, rows = _rows(tmp_path)
     monkeypatch.setattr(sources, "hub_reachable", lambda *a, **k: False)
     with pytest.raises(ConfigError) as err:
-        check_inputs(RunLayout(rows[1].cfg), ["train"])
+        paper.run_missing(rows, None, lambda line: None)
     message = str(err.value)
     assert "\n" not in message and "task.dataset" in message and "ultrafeedback" in message
     assert "local jsonl" in message
