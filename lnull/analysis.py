@@ -28,6 +28,7 @@ import torch
 from lnull.io import atomic_write_json, atomic_write_text, save_png
 from lnull.methods import method_of
 from lnull.methods.linalg import svd64
+from lnull.stages import StageContext
 
 Factors = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]  # ({module: A}, {module: B}, scale)
 
@@ -174,7 +175,7 @@ class Parts:
         return {part: info["status"] for part, info in self.parts.items()}
 
 
-def run(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
+def run(cfg: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
     """Stage entry: write the analysis into ``ctx.out`` from whatever of calibration / init / train is
     complete for this config; return per part ``done`` or ``skipped`` (also in ``summary.json``)."""
     from lnull.activations import load_statistic

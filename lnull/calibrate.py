@@ -32,6 +32,7 @@ from lnull.data.sources import hub_reachable, load_records, require_fields
 from lnull.errors import ConfigError
 from lnull.io import atomic_write_json
 from lnull.modeling import load_model, load_tokenizer, pick_device, resolve_model, target_linears
+from lnull.stages import StageContext
 
 OFFICIAL_DIVISOR = 256  # the official hook's `module.covariance_matrix += covariance / 256`
 OFFICIAL_CHARS_PER_TOKEN = 10  # official windows: 10 x seqlen characters, cut to seqlen tokens
@@ -105,7 +106,7 @@ def statistics(sums: dict[str, torch.Tensor], tokens: dict[str, int], samples: d
     return tensors
 
 
-def run(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
+def run(cfg: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
     """Stage entry: :func:`collect_into` ``ctx.out``."""
     return collect_into(cfg, ctx.out)
 

@@ -35,6 +35,7 @@ from lnull.io import atomic_write_json, read_json
 from lnull.methods import METHOD_FILE, attach, bake, needs_hooks
 from lnull.modeling import DTYPES, load_model, load_tokenizer, original_path, pick_device
 from lnull.residual import load_residual_model
+from lnull.stages import StageContext
 
 PROBE = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
          "request.\n\n### Instruction:\nWhat is 12 + 30?\n\n### Response: 12 + 30 = 42. The answer is: 42")
@@ -67,7 +68,7 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
 
-def run(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
+def run(cfg: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
     """Stage entry: :func:`export_into` ``ctx.out`` from the run's init and train."""
     return export_into(cfg, ctx.out, ctx.input("init"), ctx.input("train"))
 

@@ -22,6 +22,7 @@ from lnull.io import atomic_write_json
 from lnull.methods import METHOD_FILE, REGISTRY, LayerInit, layer_generator
 from lnull.methods.linalg import captured_energy, release_shared, shared_decompositions
 from lnull.modeling import load_model, pick_device, resolve_model, target_linears
+from lnull.stages import StageContext
 
 
 def lora_scale(cfg_method: dict[str, Any]) -> float:
@@ -30,7 +31,7 @@ def lora_scale(cfg_method: dict[str, Any]) -> float:
     return float(alpha) / cfg_method["rank"]
 
 
-def run(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
+def run(cfg: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
     """Stage entry: :func:`build` into ``ctx.out`` from the calibration the method reads (if any)."""
     method = REGISTRY[cfg["method"]["name"]]
     return build(cfg, ctx.out, ctx.input("calibrate") if method.needs_calibration else None)

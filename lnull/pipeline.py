@@ -1,8 +1,9 @@
 """Running stages over a run: cache by key, lock, compute, publish, link the run's view.
 
-Every stage runs as ``run(cfg, ctx) -> summary`` with a :class:`StageContext`: ``ctx.out`` is the folder to
-write (the store's partial folder of the key, or the run-local ``<folder>.partial``), ``ctx.input(stage)``
-the completed output of an upstream stage, ``ctx.layout`` the run's paths and store.
+Every stage runs as ``run(cfg, ctx) -> summary`` with a :class:`lnull.stages.StageContext` (here:
+:class:`LayoutContext`): ``ctx.out`` is the folder to write (the store's partial folder of the key, or the
+run-local ``<folder>.partial``), ``ctx.input(stage)`` the completed output of an upstream stage, ``ctx.layout``
+the run's paths and store, ``ctx.log`` where progress lines go.
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ Log = Callable[[str], None]
 
 
 @dataclass
-class StageContext:
-    """What a stage's ``run(cfg, ctx)`` gets besides the config."""
+class LayoutContext:
+    """The :class:`lnull.stages.StageContext` of a stage run on a :class:`RunLayout`."""
 
     layout: RunLayout
     stage: Stage
@@ -79,7 +80,7 @@ def _run_stage(layout: RunLayout, name: str, log: Log) -> dict[str, Any]:
         identity.update(layout.keys.record(name))
 
     def produce(out: Path) -> dict[str, Any]:
-        summary = stage.function()(cfg, StageContext(layout, stage, out, log))
+        summary = stage.function()(cfg, LayoutContext(layout, stage, out, log))
         return {**summary, "wall_seconds": round(time.perf_counter() - start, 3)}
 
     if stage.always:

@@ -12,13 +12,15 @@ read :data:`STAGES`. A stage's key is the hash of exactly what it reads: the con
 
 Resource and logging knobs that do not change a result (``calibration.device_budget_gb``, ``train.log_every``,
 ``train.checkpoint_every``, ``train.wandb*``) are left out of the keys. Every stage runs as
-``run(cfg, ctx) -> summary`` (``lnull.pipeline.StageContext``).
+``run(cfg, ctx) -> summary`` with a :class:`StageContext` (``lnull.pipeline`` builds it); a stage module
+imports nothing of the pipeline.
 """
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol
 
 from lnull.io import stable_hash
 
@@ -78,6 +80,26 @@ def _nothing(cfg: Config) -> dict[str, Any]:
     return {}
 
 
+class StageContext(Protocol):
+    """What a stage's ``run(cfg, ctx)`` gets besides the config: ``out``, the folder to write (the store's
+    partial folder of the key, or the run-local ``<folder>.partial``); ``input(stage)``, the completed output of
+    an upstream stage it reads (``maybe_input``: of one it uses when present, else None); ``layout``, the run's
+    :class:`lnull.layout.RunLayout` (paths, store, keys; typed ``Any`` here because ``lnull.layout`` imports
+    this module); ``log``, where progress lines go."""
+
+    stage: Stage
+    out: Path
+    layout: Any
+    log: Callable[[str], None]
+
+    def input(self, stage: str) -> Path: ...
+
+    def maybe_input(self, stage: str) -> Optional[Path]: ...
+
+
+StageRun = Callable[[Config, StageContext], dict[str, Any]]
+
+
 @dataclass(frozen=True)
 class Stage:
     """One stage of the pipeline.
@@ -99,7 +121,7 @@ class Stage:
     output_dir: Optional[Callable[[Config], str]] = None  # where an ``always`` stage writes
     applies: Callable[[Config], bool] = lambda cfg: True
 
-    def function(self) -> Callable[[Config, Any], dict[str, Any]]:
+    def function(self) -> StageRun:
         module, _, name = self.runner.partition(":")
         return getattr(importlib.import_module(module), name)
 

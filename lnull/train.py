@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lnull.errors import ConfigError
+from lnull.stages import StageContext
 from lnull.training.data import EXAMPLES_FILE, build_examples, save_examples
 
 
@@ -31,7 +32,7 @@ def prepare_examples(cfg: dict[str, Any], out_dir: Path) -> Path:
     return path
 
 
-def run(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
+def run(cfg: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
     """Stage entry: :func:`train_into` ``ctx.out`` from the run's init."""
     return train_into(cfg, ctx.out, ctx.input("init"))
 

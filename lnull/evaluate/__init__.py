@@ -26,6 +26,7 @@ from lnull.modeling import (load_tokenizer, model_fingerprint, original_path, pi
                             release_accelerator_memory, resolve_model)
 from lnull.records import ModelIdentity, ResultRecord, ScorerIdentity, lineage, record_digest, validate
 from lnull.residual import load_residual_model
+from lnull.stages import StageContext
 
 
 class ModelSource(NamedTuple):
@@ -206,7 +207,7 @@ def score_one(name: str, bench: dict[str, Any], ctx: EvalContext, key: str = "",
     return data
 
 
-def run(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
+def run(cfg: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
     """Stage entry: every (model, benchmark) record of this config, computed when the store lacks it; the run's
     ``eval/results.json`` lists them and ``eval/<model>/<benchmark>.json`` links each."""
     layout, store, log = ctx.layout, ctx.layout.store, ctx.log

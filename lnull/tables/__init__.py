@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lnull.io import atomic_write_text
+from lnull.stages import StageContext
 
 __all__ = ["build_tables", "run"]
 
@@ -86,7 +87,7 @@ def audit_table(cfg: dict[str, Any], out: Path, log: Callable[[str], None] = pri
                                                                        "csv": "\n".join(csv_lines) + "\n"})}
 
 
-def run(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
+def run(cfg: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
     """Stage entry: the audit, the generic summary, or a paper table, written into ``ctx.out``."""
     tcfg = cfg["table"]
     if tcfg["audit"]:
