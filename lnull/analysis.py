@@ -144,16 +144,6 @@ NO_INIT = "init stage not complete for this config (run `lnull init`)"
 NO_TRAIN = "train stage not complete for this config (run `lnull train`)"
 
 
-def run_analysis(cfg: dict[str, Any]) -> list[Path]:
-    """`lnull analyze`: the run's ``analysis/`` files (``summary.json`` last)."""
-    from lnull.pipeline import run_pipeline
-
-    folder = run_pipeline(cfg, stages=["analyze"]).view("analyze")
-    summary = json.loads((folder / "summary.json").read_text())
-    names = [f for part in summary["parts"].values() for f in part.get("files", [])]
-    return [folder / name for name in names] + [folder / "summary.json"]
-
-
 class Parts:
     """Each part's outcome in the order the parts ran (``summary.json``): done with its files, or skipped."""
 

@@ -1,13 +1,15 @@
 """`lnull <command> [hydra overrides]`: the command-line entry point.
 
 Commands are ``run`` (the chain of stages), one per stage of ``lnull.stages.STAGES``, ``assets`` and
-``store ls|du|gc``. Hydra composes the config once in this (parent) process; every stage then reads the resolved
-plain dict, which is also what ``<run>/config.yaml`` holds, so workers of a multi-process launch can be
-started on that file instead of re-running Hydra.
+``store ls|du|gc``; :func:`export_run` and :func:`run_analysis` are ``lnull export`` / ``lnull analyze`` for
+Python callers (stage modules never call back into the pipeline). Hydra composes the config once in this
+(parent) process; every stage then reads the resolved plain dict, which is also what ``<run>/config.yaml``
+holds, so workers of a multi-process launch can be started on that file instead of re-running Hydra.
 """
 from __future__ import annotations
 
 import errno
+import json
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -64,6 +66,23 @@ def dispatch(command: str, cfg: dict[str, Any], sub: str | None = None, flags: t
         layout = run_pipeline(cfg, stages=[command], from_file=from_file)
         if command in ("analyze", "table", "export"):
             print(layout.view(command) if command != "table" else Path(cfg["table"]["out_dir"]))
+
+
+def export_run(cfg: dict[str, Any], log: Callable[[str], None] = print) -> Path:
+    """`lnull export`: the run's ``export/`` view (computed once per train key in the store)."""
+    from lnull.pipeline import run_pipeline
+
+    return run_pipeline(cfg, stages=["export"], log=log).view("export")
+
+
+def run_analysis(cfg: dict[str, Any]) -> list[Path]:
+    """`lnull analyze`: the run's ``analysis/`` files (``summary.json`` last)."""
+    from lnull.pipeline import run_pipeline
+
+    folder = run_pipeline(cfg, stages=["analyze"]).view("analyze")
+    summary = json.loads((folder / "summary.json").read_text())
+    names = [f for part in summary["parts"].values() for f in part.get("files", [])]
+    return [folder / name for name in names] + [folder / "summary.json"]
 
 
 def _assets(cfg: dict[str, Any]) -> None:

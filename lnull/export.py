@@ -26,7 +26,7 @@ import json
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -155,10 +155,3 @@ def _finish(out_dir: Path, report: dict[str, Any], ref: torch.Tensor) -> dict[st
     atomic_write_json(out_dir / "report.json", report)
     return {k: report[k]["max_abs_logit_diff"] for k in ("merged", "lora_on_original")
             if "max_abs_logit_diff" in report[k]}
-
-
-def export_run(cfg: dict[str, Any], log: Callable[[str], None] = print) -> Path:
-    """`lnull export`: the run's ``export/`` view (computed once per train key in the store)."""
-    from lnull.pipeline import run_pipeline
-
-    return run_pipeline(cfg, stages=["export"], log=log).view("export")

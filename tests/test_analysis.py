@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lnull.activations import CalibrationStats
-from lnull.analysis import eigenbasis_desc, projection_profile, relative_change, rho_k, run_analysis
+from lnull.analysis import eigenbasis_desc, projection_profile, relative_change, rho_k
+from lnull.cli import run_analysis
 from lnull.pipeline import run_pipeline
 
 METHODS = ("lora", "lora_null_v1", "lora_null_v2", "pissa", "oplora", "full")

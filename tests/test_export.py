@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from conftest import lnull
 from lnull.cli import compose
 from lnull.config import ConfigError
-from lnull.export import PROBE, export_run, is_residual
+from lnull.cli import export_run
+from lnull.export import PROBE, is_residual
 from lnull.modeling import resolve_model
 from lnull.pipeline import run_pipeline
 from lnull.residual import load_residual_model

@@ -151,7 +151,7 @@ def test_table_is_built_from_results_json(finished_tiny_run):
 def test_analyze_writes_effective_ranks_for_weights_and_activations(finished_tiny_run):
     import csv
 
-    from lnull.analysis import run_analysis
+    from lnull.cli import run_analysis
 
     run_pipeline(finished_tiny_run, stages=["calibrate"], log=lambda m: None)  # LoRA's `lnull run` skips it
     [path] = [p for p in run_analysis(finished_tiny_run) if p.name == "effective_rank.csv"]
