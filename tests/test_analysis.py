@@ -192,9 +192,11 @@ def _copy_of(analysed_run, tmp_path):
     train adapter can be replaced by a hand-made one."""
     cfg, folder, _ = analysed_run
     copy = tmp_path / "copy"
-    shutil.copytree(folder.parent.parent, copy, symlinks=True)  # the runs and the store beside them
-    shutil.rmtree(copy / folder.parent.name / "analysis")
-    return {**cfg, "run": {**cfg["run"], "root": str(copy)}}, copy / folder.parent.name
+    root = folder.parent.parent.parent  # run.root: <experiment>/<run>/analysis below it, the store beside
+    shutil.copytree(root, copy, symlinks=True)
+    run = copy / folder.parent.relative_to(root)
+    shutil.rmtree(run / "analysis")
+    return {**cfg, "run": {**cfg["run"], "root": str(copy)}}, run
 
 
 def _replace_trained_adapter(run_dir, tensors) -> None:
