@@ -31,6 +31,14 @@ def lora_scale(cfg_method: dict[str, Any]) -> float:
     return float(alpha) / cfg_method["rank"]
 
 
+def check_inputs(layout: Any) -> None:
+    """Pre-flight (``Stage.check``): the method's rank fits every targeted projection
+    (:func:`lnull.modeling.check_shapes`)."""
+    from lnull.modeling import check_shapes
+
+    check_shapes(layout.cfg)
+
+
 def run(cfg: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
     """Stage entry: :func:`build` into ``ctx.out`` from the calibration the method reads (if any)."""
     method = REGISTRY[cfg["method"]["name"]]

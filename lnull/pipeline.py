@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 from lnull.errors import ConfigError
 from lnull.io import atomic_write_json, check_writable_dir, drop_stale_temps, read_json
 from lnull.layout import RunLayout, store_root
-from lnull.stages import BY_NAME, DEFAULT_CHAIN, Stage
+from lnull.stages import BY_NAME, DEFAULT_CHAIN, STAGES, Stage
 from lnull.store import MARKER
 
 Log = Callable[[str], None]
@@ -107,13 +107,7 @@ def _uses(layout: RunLayout, name: str) -> tuple[dict[str, str], list[str]]:
     entries = {BY_NAME[s].folder: layout.keys[s] for s in stage.reads(cfg) if BY_NAME[s].stored}
     if stage.stored:
         entries[stage.folder] = layout.keys[name]
-    records: list[str] = []
-    if name == "evaluate":
-        from lnull.evaluate import expected_records
-
-        for which in cfg["eval"]["models"]:
-            records += expected_records(layout, which).values()
-    return entries, records
+    return entries, stage.writes_records(layout)
 
 
 def _run_local(layout: RunLayout, stage: Stage, produce: Callable[[Path], dict], identity: dict) -> dict[str, Any]:
@@ -135,31 +129,17 @@ def _run_local(layout: RunLayout, stage: Stage, produce: Callable[[Path], dict],
 
 def check_inputs(layout: RunLayout, stages: list[str]) -> None:
     """Data and models the pending stages will read are here (before hours of calibration and training, not
-    after, and before any model loads)."""
-    from lnull.data.sources import check_available, task_fields
-    from lnull.modeling import check_model_available, check_shapes
+    after, and before any model loads): which stages load the run's model (``Stage.loads_model``), each stage's
+    ``Stage.check`` (``check_first`` ones first, then in table order), then the run's model once if one loads it."""
+    from lnull.modeling import check_model_available
 
-    cfg, cache = layout.cfg, layout.cfg.get("cache_dir")
-    loads_base = [s for s in ("calibrate", "init", "analyze", "export") if s in stages and not layout.is_complete(s)]
-    if "train" in stages and not layout.is_complete("train"):
-        check_available(cfg["task"]["dataset"], cache, "task.dataset", fields=task_fields(cfg["task"]),
-                        limit=cfg["task"]["max_examples"])
-    if "init" in stages and not layout.is_complete("init"):
-        check_shapes(cfg)
-    if "evaluate" in stages:
-        from lnull.evaluate import expected_records
-        from lnull.evaluate.registry import RUN_MODELS, check_benchmark_inputs
-
-        for name, bench in cfg["eval"]["benchmarks"].items():
-            check_benchmark_inputs(name, bench, cache, cfg["eval"])
-        for model in cfg["eval"]["models"]:
-            if model not in RUN_MODELS:
-                check_model_available(model, cache, "eval.models entry")
-            elif model == "base" and any(layout.store.read_record(k) is None
-                                         for k in expected_records(layout, "base").values()):
-                loads_base.append("evaluate")
-    if loads_base:
-        check_model_available(cfg["model"]["name_or_path"], cache)
+    pending = [stage for stage in STAGES if stage.name in stages]
+    loads_model = [stage.name for stage in pending if stage.loads_model(layout)]
+    for stage in sorted(pending, key=lambda s: not s.check_first):
+        if stage.check is not None and stage.check(layout):
+            loads_model.append(stage.name)
+    if loads_model:
+        check_model_available(layout.cfg["model"]["name_or_path"], layout.cfg.get("cache_dir"))
 
 
 def run_pipeline(cfg: dict[str, Any], stages: Optional[list[str]] = None, log: Log = print,

@@ -80,6 +80,54 @@ def _nothing(cfg: Config) -> dict[str, Any]:
     return {}
 
 
+def _never(layout: Any) -> bool:
+    return False
+
+
+def _pending(name: str) -> Callable[[Any], bool]:
+    """``loads_model`` of a stage that loads the run's model: while its output is not complete."""
+    return lambda layout: not layout.is_complete(name)
+
+
+def _check_pending(name: str, check: str) -> Callable[[Any], None]:
+    """``check`` ("module:function" given the layout, imported only when called, as a stage's runner is) unless
+    the stage's output is complete."""
+
+    def check_unless_complete(layout: Any) -> None:
+        if not layout.is_complete(name):
+            module, _, function = check.partition(":")
+            getattr(importlib.import_module(module), function)(layout)
+
+    return check_unless_complete
+
+
+def _evaluate_check(layout: Any) -> bool:
+    """The benchmarks' inputs (``Scorer.check_inputs``) and every ``eval.models`` entry that is a model folder or
+    hub id exist; True when the base model is scored and one of its records is missing."""
+    from lnull.evaluate import expected_records
+    from lnull.evaluate.registry import RUN_MODELS, check_benchmark_inputs
+    from lnull.modeling import check_model_available
+
+    cfg, cache = layout.cfg, layout.cfg.get("cache_dir")
+    for name, bench in cfg["eval"]["benchmarks"].items():
+        check_benchmark_inputs(name, bench, cache, cfg["eval"])
+    loads_model = False
+    for model in cfg["eval"]["models"]:
+        if model not in RUN_MODELS:
+            check_model_available(model, cache, "eval.models entry")
+        elif model == "base" and any(layout.store.read_record(k) is None
+                                     for k in expected_records(layout, "base").values()):
+            loads_model = True
+    return loads_model
+
+
+def _evaluate_records(layout: Any) -> list[str]:
+    """The record key of every (scored model, benchmark) of the run's config, in ``eval.models`` order."""
+    from lnull.evaluate import expected_records
+
+    return [key for which in layout.cfg["eval"]["models"] for key in expected_records(layout, which).values()]
+
+
 class StageContext(Protocol):
     """What a stage's ``run(cfg, ctx)`` gets besides the config: ``out``, the folder to write (the store's
     partial folder of the key, or the run-local ``<folder>.partial``); ``input(stage)``, the completed output of
@@ -107,7 +155,17 @@ class Stage:
     ``folder``: its folder in a run (and namespace in the store); ``stored``: output content-addressed in the
     store (the run holds a view) or written into the run itself; ``reads(cfg)``: upstream stages it reads;
     ``optional_reads``: upstream stages it uses when complete but never requires; ``applies(cfg)``: whether ``lnull run`` runs it
-    for this config (calibration only for methods that read a statistic)."""
+    for this config (calibration only for methods that read a statistic).
+
+    Pre-flight (``lnull.pipeline.check_inputs``, before any stage of ``lnull run`` starts and before any model
+    loads), each given the run's layout: ``loads_model``, asked first of every pending stage (in table order),
+    whether it will load the run's model (``model.name_or_path``); then ``check`` (``check_first`` stages
+    first, then table order) checks what the stage will read that no stage produces (task data, the rank
+    against the model's shapes, benchmark inputs, the models ``eval.models`` names): a one-line ConfigError if
+    something is missing; it returns True when it finds that the stage loads the run's model after all
+    (evaluate: a record of the base model is missing). The run's model is checked last, once, if any stage
+    loads it. ``writes_records(layout)``: the result record keys the stage writes (registered with the store
+    when it starts, so gc keeps them)."""
 
     name: str
     folder: str
@@ -120,6 +178,10 @@ class Stage:
     always: bool = False  # rebuilt whenever asked (its inputs are other runs' records); needs no run folder
     output_dir: Optional[Callable[[Config], str]] = None  # where an ``always`` stage writes
     applies: Callable[[Config], bool] = lambda cfg: True
+    loads_model: Callable[[Any], bool] = _never
+    check: Optional[Callable[[Any], Optional[bool]]] = None
+    check_first: bool = False
+    writes_records: Callable[[Any], list[str]] = lambda layout: []
 
     def function(self) -> StageRun:
         module, _, name = self.runner.partition(":")
@@ -128,23 +190,28 @@ class Stage:
 
 STAGES: tuple[Stage, ...] = (
     Stage("calibrate", "calibration", "collect input covariances of the targeted linear layers on calibration text",
-          "lnull.calibrate:run", key_inputs=_calibrate_inputs, applies=lambda cfg: _method(cfg).needs_calibration),
+          "lnull.calibrate:run", key_inputs=_calibrate_inputs, applies=lambda cfg: _method(cfg).needs_calibration,
+          loads_model=_pending("calibrate")),
     Stage("init", "init", "initialise adapters with the chosen method; write the initial PEFT adapter",
           "lnull.initialize:run", key_inputs=_init_inputs,
-          reads=lambda cfg: ("calibrate",) if _method(cfg).needs_calibration else ()),
+          reads=lambda cfg: ("calibrate",) if _method(cfg).needs_calibration else (),
+          loads_model=_pending("init"),
+          check=_check_pending("init", "lnull.initialize:check_inputs")),
     Stage("train", "train", "fine-tune the initialised model on the task data", "lnull.train:run",
-          key_inputs=_train_inputs, reads=lambda cfg: ("init",)),
+          key_inputs=_train_inputs, reads=lambda cfg: ("init",),
+          check=_check_pending("train", "lnull.train:check_inputs"), check_first=True),
     Stage("evaluate", "eval", "score base / init / trained models on the eval benchmarks (one stored record each)",
           "lnull.evaluate:run", stored=False,
           key_inputs=lambda cfg: {"eval": cfg["eval"], "model": model_identity(cfg), "dtype": cfg["model"]["dtype"],
                                   "add_bos": cfg["model"]["add_bos"]},
           reads=lambda cfg: tuple(s for s, which in (("init", ("init", "trained")), ("train", ("trained",)))
-                                  if set(which) & set(cfg["eval"]["models"]))),
+                                  if set(which) & set(cfg["eval"]["models"])),
+          check=_evaluate_check, writes_records=_evaluate_records),
     Stage("export", "export", "write a merged HF model and a LoRA adapter on the original model",
-          "lnull.export:run", reads=lambda cfg: ("init", "train")),
+          "lnull.export:run", reads=lambda cfg: ("init", "train"), loads_model=_pending("export")),
     Stage("analyze", "analysis", "effective ranks, spectra, projection profile, Table 1, rho_k, relative change",
           "lnull.analysis:run", key_inputs=lambda cfg: {"analysis": cfg["analysis"]},
-          optional_reads=("calibrate", "init", "train"), stored=False),
+          optional_reads=("calibrate", "init", "train"), stored=False, loads_model=_pending("analyze")),
     Stage("table", "tables", "build paper-style tables from every run's result records (results/tables/)",
           "lnull.tables:run", stored=False, always=True, output_dir=lambda cfg: cfg["table"]["out_dir"]),
 )

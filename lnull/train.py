@@ -21,6 +21,15 @@ from lnull.stages import StageContext
 from lnull.training.data import EXAMPLES_FILE, build_examples, save_examples
 
 
+def check_inputs(layout: Any) -> None:
+    """Pre-flight (``Stage.check``): the task data is there, every row it trains on has its fields."""
+    from lnull.data.sources import check_available, task_fields
+
+    cfg = layout.cfg
+    check_available(cfg["task"]["dataset"], cfg.get("cache_dir"), "task.dataset", fields=task_fields(cfg["task"]),
+                    limit=cfg["task"]["max_examples"])
+
+
 def prepare_examples(cfg: dict[str, Any], out_dir: Path) -> Path:
     """Tokenise the task (the original model's tokenizer) into ``out_dir/examples.safetensors`` unless a
     previous attempt already did."""
