@@ -9,6 +9,10 @@ Deleting the run folder drops the count to 1. Where hard links are impossible (t
 system) the store keeps a copy, and the run is found at its recorded absolute path or at its path relative to
 the store.
 
+A ref names two kinds of store keys: stage entries (``entries``: {folder: key}) and keyed items (``records``:
+the keys of result records, the items of kind ``eval``; ``ITEM_FIELDS``); :func:`uses` lists both as
+(folder, key) pairs, the way `lnull store ls|du|gc` read them.
+
 A copied run folder (``cp -r``) carries its original's id; the first time it runs it takes an id of its own.
 
 Running processes register a session (``procs/<pid>-<rand>.lock``, an ``flock`` held for the process's life, so
@@ -30,6 +34,8 @@ from typing import Any, Iterator, Optional
 from lnull.io import atomic_write_json, file_lock, stable_hash, try_read_json
 
 RUN_FILE = ".lnull-ref.json"
+RECORDS = "eval"  # the store folder (item kind) of result records
+ITEM_FIELDS = {"records": RECORDS}  # a ref's field listing the keys it uses of each kind of keyed store item
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -91,6 +97,12 @@ def register(store_root: Path, run_dir: Path, entries: Optional[dict[str, str]] 
         legacy = store_root / "refs" / f"{run_dir.name}-{stable_hash(str(run_dir), 8)}.json"
         legacy.unlink(missing_ok=True)  # refs before run ids were named by path
         return own["id"]
+
+
+def uses(ref: dict[str, Any]) -> list[tuple[str, str]]:
+    """The (store folder, key) pairs ``ref`` names: its stage entries and its keyed items (result records)."""
+    return [*ref.get("entries", {}).items(),
+            *((kind, key) for field, kind in ITEM_FIELDS.items() for key in ref.get(field, []))]
 
 
 def live_refs(store_root: Path) -> list[dict[str, Any]]:

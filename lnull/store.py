@@ -6,9 +6,13 @@ Layout (``store.root``, default ``store/`` beside the run folder, i.e. ``<run.ro
     init/<key>/                 summary, provenance); present only when complete
     train/<key>/  export/<key>/
     <folder>/<key>.partial/   work in progress of that key (kept when killed: the next attempt resumes in it)
-    eval/<key>.json           one result record (lnull.records) and eval/<key>.sha256 its content digest: a record
-                                changed after scoring does not count (it is re-scored); eval/<key>.work/ is its
-                                scorer's scratch (cached generations, MT-Bench answers), kept and removed with it
+    eval/<key>.json           a keyed item (item_path / read_item / write_item / inspect_item / item_work): one
+                                JSON document per key with <key>.sha256 its content digest beside it (an item
+                                changed after it was written does not count) and <key>.work/ its producer's
+                                scratch, kept and removed with it; written under the same lock(folder, key) as a
+                                stage entry. The result records (lnull.records) are the items of kind ``eval``
+                                (record / read_record / write_record: re-scored when they do not count; the
+                                scorer's cached generations and MT-Bench answers in the work folder)
     locks/<folder>.<key>.lock one file lock per key: one process computes, the others wait and reuse
     refs/<run id>.json        which keys a run folder uses, hard-linked to the run's own .lnull-ref.json
     procs/<pid>-<rand>.lock   the lnull processes running now (lnull.runrefs)
@@ -30,10 +34,14 @@ from typing import Any, Callable, Iterator, Optional
 
 from lnull import runrefs
 from lnull.io import atomic_write_bytes, atomic_write_json, drop_stale_temps, file_lock, try_read_json
-from lnull.records import record_digest
+from lnull.records import record_digest as content_digest
+from lnull.runrefs import RECORDS
 
 MARKER = "complete.json"
-RECORDS = "eval"
+# folders of keyed items (one JSON document per key, its digest and work folder beside it; Store.write_item) rather
+# than of entry folders, so that ls / du / gc read them as items: {kind: (what writing one is called, what happens
+# to one that does not count)}
+ITEM_KINDS = {RECORDS: ("scored", "re-scored when its run evaluates again")}
 NOT_ENTRIES = ("locks", "refs", "procs")
 
 
@@ -95,14 +103,31 @@ class Store:
     def partial(self, folder: str, key: str) -> Path:
         return self.root / folder / f"{key}.partial"
 
+    def item_path(self, kind: str, key: str) -> Path:
+        """A keyed item (one JSON document, see :meth:`write_item`): ``<kind>/<key>.json``."""
+        return self.root / kind / f"{key}.json"
+
+    def item_digest(self, kind: str, key: str) -> Path:
+        """The sha256 of the item's content, written beside it: ``<kind>/<key>.sha256``."""
+        return self.root / kind / f"{key}.sha256"
+
+    def item_work(self, kind: str, key: str) -> Path:
+        """The item's producer's scratch (a cache that survives a killed attempt): ``<kind>/<key>.work/``."""
+        return self.root / kind / f"{key}.work"
+
+    def item_files(self, kind: str, key: str) -> list[Path]:
+        """Everything one item is stored as (deleted and measured together): the item, its digest, its work."""
+        return [self.item_path(kind, key), self.item_digest(kind, key), self.item_work(kind, key)]
+
+    # result records (lnull.records) are the items of kind ``eval``
     def record(self, key: str) -> Path:
-        return self.root / RECORDS / f"{key}.json"
+        return self.item_path(RECORDS, key)
 
     def record_work(self, key: str) -> Path:
-        return self.root / RECORDS / f"{key}.work"
+        return self.item_work(RECORDS, key)
 
     def record_digest(self, key: str) -> Path:
-        return self.root / RECORDS / f"{key}.sha256"
+        return self.item_digest(RECORDS, key)
 
     # ------------------------------------------------------------------ state
 
@@ -123,38 +148,57 @@ class Store:
         unreadable file: the entry does not count and is recomputed)."""
         return self._inspect(folder, key)[0]
 
-    def inspect_record(self, key: str) -> tuple[Optional[dict[str, Any]], Optional[str]]:
-        """(the record of ``key``, None) when it is intact; (None, why not) when it is missing, unreadable, names
-        another key, or its content no longer matches the digest written with it (edited by hand)."""
-        path = self.record(key)
+    @staticmethod
+    def _verbs(kind: str) -> tuple[str, str]:
+        return ITEM_KINDS.get(kind, ("written", "written again when needed"))
+
+    def inspect_item(self, kind: str, key: str) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+        """(the item ``kind``/``key``, None) when it is intact; (None, why not) when it is missing, unreadable,
+        names another key, or its content no longer matches the digest written with it (edited by hand)."""
+        path = self.item_path(kind, key)
         if not path.exists():
             return None, f"{path} is missing"
         data = try_read_json(path)
         if not isinstance(data, dict) or data.get("key") != key:
             return None, f"{path} is damaged (unreadable or another key)"
-        digest = self.record_digest(key)
+        digest = self.item_digest(kind, key)
         written = digest.read_text().strip() if digest.exists() else None
-        if written != record_digest(data):
+        if written != content_digest(data):
             why = "has no digest (written before digests)" if written is None else "does not match its digest"
-            return None, f"{path} {why}: it was changed after it was scored"
+            return None, f"{path} {why}: it was changed after it was {self._verbs(kind)[0]}"
         return data, None
 
-    def read_record(self, key: str, warn: Optional[Callable[[str], None]] = None) -> Optional[dict[str, Any]]:
-        """The intact record of ``key`` (:meth:`inspect_record`) or None; ``warn`` is told in one line why a
-        record that exists does not count (tables: it is shown as missing, and re-scored when its row runs)."""
-        data, why = self.inspect_record(key)
-        if data is None and warn is not None and self.record(key).exists():
-            warn(f"lnull: {why}; not used (re-scored when its run evaluates again)")
+    def read_item(self, kind: str, key: str, warn: Optional[Callable[[str], None]] = None
+                  ) -> Optional[dict[str, Any]]:
+        """The intact item (:meth:`inspect_item`) or None; ``warn`` is told in one line why an item that exists
+        does not count (it is produced again the next time its stage runs)."""
+        data, why = self.inspect_item(kind, key)
+        if data is None and warn is not None and self.item_path(kind, key).exists():
+            warn(f"lnull: {why}; not used ({self._verbs(kind)[1]})")
         return data
 
-    def write_record(self, key: str, record: dict[str, Any]) -> str:
-        """Write a record and its digest (the record first: a crash between leaves a record that does not count);
-        return the digest."""
-        digest = record_digest(record)
-        self.record_digest(key).unlink(missing_ok=True)
-        atomic_write_json(self.record(key), record)
-        atomic_write_bytes(self.record_digest(key), (digest + "\n").encode())
+    def write_item(self, kind: str, key: str, data: dict[str, Any]) -> str:
+        """Write an item (a JSON object naming its ``key``) and its digest atomically, the item first (a crash
+        between leaves an item that does not count); return the digest. A producer writes it under ``lock(kind, key)``,
+        the lock a stage entry's key is computed under."""
+        digest = content_digest(data)
+        self.item_digest(kind, key).unlink(missing_ok=True)
+        atomic_write_json(self.item_path(kind, key), data)
+        atomic_write_bytes(self.item_digest(kind, key), (digest + "\n").encode())
         return digest
+
+    def inspect_record(self, key: str) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+        """:meth:`inspect_item` of the result record ``key``."""
+        return self.inspect_item(RECORDS, key)
+
+    def read_record(self, key: str, warn: Optional[Callable[[str], None]] = None) -> Optional[dict[str, Any]]:
+        """:meth:`read_item` of the result record ``key`` (tables: a record that does not count is shown as
+        missing, and re-scored when its row runs)."""
+        return self.read_item(RECORDS, key, warn)
+
+    def write_record(self, key: str, record: dict[str, Any]) -> str:
+        """:meth:`write_item` of a result record; returns its digest (``lnull.records.record_digest``)."""
+        return self.write_item(RECORDS, key, record)
 
     def lock_path(self, folder: str, key: str) -> Path:
         return self.root / "locks" / f"{folder}.{key}.lock"
@@ -208,11 +252,11 @@ class Store:
         return runrefs.session(self.root)
 
     def entries(self) -> list[tuple[str, str, Path]]:
-        """Every complete entry and record: (folder, key, path)."""
+        """Every complete entry and item (a record): (folder, key, path)."""
         found = []
         for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and p.name not in NOT_ENTRIES):
             for path in sorted(folder.iterdir()):
-                if folder.name == RECORDS:
+                if folder.name in ITEM_KINDS:
                     if path.suffix == ".json":
                         found.append((folder.name, path.stem, path))
                 elif path.is_dir() and not path.name.endswith(".partial"):
@@ -221,8 +265,8 @@ class Store:
 
     @staticmethod
     def _uses(ref: dict[str, Any]) -> list[tuple[str, str]]:
-        """The (folder, key) pairs a run's ref names: its stage entries and its result records."""
-        return [*ref.get("entries", {}).items(), *((RECORDS, key) for key in ref.get("records", []))]
+        """The (folder, key) pairs a run's ref names: its stage entries and its items (:func:`runrefs.uses`)."""
+        return runrefs.uses(ref)
 
     def users(self) -> dict[tuple[str, str], list[str]]:
         """{(folder, key): [run folder names]} from the refs of runs that still exist (wherever they moved)."""
@@ -239,13 +283,10 @@ class Store:
         path = Path(ref.get("run", ""))
         return f"{path.parent.name}/{path.name}" if path.parent.parent == self.root.parent else path.name
 
-    def _record_files(self, key: str) -> list[Path]:
-        return [self.record(key), self.record_digest(key), self.record_work(key)]
-
     def _files(self, folder: str, key: str, path: Path) -> list[Path]:
-        """What deleting an entry (or a partial / work folder at ``path``) removes; a record takes its digest and
-        its scorer's work folder with it."""
-        return self._record_files(key) if folder == RECORDS else [path]
+        """What deleting an entry (or a partial / work folder at ``path``) removes; an item (a record) takes its
+        digest and its work folder with it (:meth:`item_files`)."""
+        return self.item_files(folder, key) if folder in ITEM_KINDS else [path]
 
     def _bytes(self, folder: str, key: str, path: Path) -> int:
         return sum(tree_size(f) for f in self._files(folder, key, path) if f.exists())
@@ -319,9 +360,10 @@ class Store:
             folder, key = partial.parent.name, partial.name[:-len(".partial")]
             if (folder, key) not in used and not self.entry(folder, key).exists():
                 candidates.append((folder, key, partial))
-        for work in sorted(self.root.glob(f"{RECORDS}/*.work")):  # a scorer's cache whose record never came
-            if (RECORDS, work.stem) not in used and not self.record(work.stem).exists():
-                candidates.append((RECORDS, work.stem, work))
+        for kind in ITEM_KINDS:  # an item's work folder (a scorer's cache) whose item never came
+            for work in sorted(self.root.glob(f"{kind}/*.work")):
+                if (kind, work.stem) not in used and not self.item_path(kind, work.stem).exists():
+                    candidates.append((kind, work.stem, work))
         remove, keep = [], []
         for folder, key, path in candidates:
             row = {"path": str(path), "folder": folder, "key": key, "bytes": self._bytes(folder, key, path)}

@@ -27,6 +27,7 @@ from lnull.modeling import (load_tokenizer, model_fingerprint, original_path, pi
 from lnull.records import ModelIdentity, ResultRecord, ScorerIdentity, lineage, record_digest, validate
 from lnull.residual import load_residual_model
 from lnull.stages import StageContext
+from lnull.store import RECORDS
 
 
 class ModelSource(NamedTuple):
@@ -229,10 +230,10 @@ def run(cfg: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
         by_name: dict[str, dict[str, Any]] = {}
         for name in order:
             bench, key = benchmarks[name], keys[name]
-            with store.lock("eval", key, log):
-                stored, why = store.inspect_record(key)
+            with store.lock(RECORDS, key, log):
+                stored, why = store.inspect_item(RECORDS, key)
                 if stored is None:
-                    if store.record(key).exists():
+                    if store.item_path(RECORDS, key).exists():
                         log(f"[evaluate] {why}; re-scoring it")
                     weights = needs_weights([bench], cfg["eval"])
                     if loaded is not None and loaded[0] is not None and not weights:
@@ -243,22 +244,23 @@ def run(cfg: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
                             _release_vllm()
                         loaded = load_for_eval(cfg, layout, which, device, weights)
                     source = loaded[2]
-                    work = store.record_work(key)
+                    work = store.item_work(RECORDS, key)
                     work.mkdir(parents=True, exist_ok=True)
                     ectx = EvalContext(loaded[0], loaded[1], cfg, which, source.identity, work, source.base,
                                        source.adapter, source.init_adapter)
                     stored = score_one(name, bench, ectx, key, identity)
-                    store.write_record(key, stored)
+                    store.write_item(RECORDS, key, stored)
                     counts["scored"] += 1
                     log(f"[evaluate] {which}/{name}: scored ({key})")
                 else:
                     counts["reused"] += 1
                     log(f"[evaluate] {which}/{name}: stored record reused ({key})")
-            by_name[name] = validate(stored, str(store.record(key))).to_dict()
+            path = store.item_path(RECORDS, key)
+            by_name[name] = validate(stored, str(path)).to_dict()
             link = ctx.out / model_slug(which) / f"{name}.json"
             link.parent.mkdir(parents=True, exist_ok=True)
             link.unlink(missing_ok=True)
-            os.symlink(os.path.relpath(store.record(key), link.parent), link)
+            os.symlink(os.path.relpath(path, link.parent), link)
         records.extend(by_name[n] for n in benchmarks)
         loaded = ectx = None  # this model's weights are done with: freed before the next model loads
         release_accelerator_memory()
