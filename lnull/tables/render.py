@@ -33,14 +33,14 @@ def params_text(n: Optional[int]) -> str:
 
 
 def ranks(rows: list[Row], column: str, lower_is_better: bool = False) -> dict[int, int]:
-    """{row index: 1 (best) or 2 (runner-up)} among method rows (not the pre-trained one); higher is better
-    unless ``lower_is_better``, ties share a place."""
-    values = sorted({r.cells[column].value for r in rows if not r.is_base and r.cells[column].value is not None},
-                    reverse=not lower_is_better)
+    """{row index: 1 (best) or 2 (runner-up)} among method rows (not the pre-trained one, not a cited one: its
+    number is the paper's, at the paper's scale); higher is better unless ``lower_is_better``, ties share a place."""
+    values = sorted({r.cells[column].value for r in rows if not r.is_base and not r.is_cited
+                     and r.cells[column].value is not None}, reverse=not lower_is_better)
     place = {}
     for i, row in enumerate(rows):
         v = row.cells[column].value
-        if not row.is_base and v is not None and v in values[:2]:
+        if not row.is_base and not row.is_cited and v is not None and v in values[:2]:
             place[i] = values.index(v) + 1
     return place
 
