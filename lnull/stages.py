@@ -89,43 +89,25 @@ def _pending(name: str) -> Callable[[Any], bool]:
     return lambda layout: not layout.is_complete(name)
 
 
+def _lazy(target: str) -> Callable[..., Any]:
+    """The function ``target`` ("module:function"), imported only when called, as a stage's runner is (so this
+    table imports no stage module: they import it)."""
+
+    def call(*args: Any) -> Any:
+        module, _, function = target.partition(":")
+        return getattr(importlib.import_module(module), function)(*args)
+
+    return call
+
+
 def _check_pending(name: str, check: str) -> Callable[[Any], None]:
-    """``check`` ("module:function" given the layout, imported only when called, as a stage's runner is) unless
-    the stage's output is complete."""
+    """``check`` ("module:function" given the layout, :func:`_lazy`) unless the stage's output is complete."""
 
     def check_unless_complete(layout: Any) -> None:
         if not layout.is_complete(name):
-            module, _, function = check.partition(":")
-            getattr(importlib.import_module(module), function)(layout)
+            _lazy(check)(layout)
 
     return check_unless_complete
-
-
-def _evaluate_check(layout: Any) -> bool:
-    """The benchmarks' inputs (``Scorer.check_inputs``) and every ``eval.models`` entry that is a model folder or
-    hub id exist; True when the base model is scored and one of its records is missing."""
-    from lnull.evaluate import expected_records
-    from lnull.evaluate.registry import RUN_MODELS, check_benchmark_inputs
-    from lnull.modeling import check_model_available
-
-    cfg, cache = layout.cfg, layout.cfg.get("cache_dir")
-    for name, bench in cfg["eval"]["benchmarks"].items():
-        check_benchmark_inputs(name, bench, cache, cfg["eval"])
-    loads_model = False
-    for model in cfg["eval"]["models"]:
-        if model not in RUN_MODELS:
-            check_model_available(model, cache, "eval.models entry")
-        elif model == "base" and any(layout.store.read_record(k) is None
-                                     for k in expected_records(layout, "base").values()):
-            loads_model = True
-    return loads_model
-
-
-def _evaluate_records(layout: Any) -> list[str]:
-    """The record key of every (scored model, benchmark) of the run's config, in ``eval.models`` order."""
-    from lnull.evaluate import expected_records
-
-    return [key for which in layout.cfg["eval"]["models"] for key in expected_records(layout, which).values()]
 
 
 class StageContext(Protocol):
@@ -206,7 +188,7 @@ STAGES: tuple[Stage, ...] = (
                                   "add_bos": cfg["model"]["add_bos"]},
           reads=lambda cfg: tuple(s for s, which in (("init", ("init", "trained")), ("train", ("trained",)))
                                   if set(which) & set(cfg["eval"]["models"])),
-          check=_evaluate_check, writes_records=_evaluate_records),
+          check=_lazy("lnull.evaluate:check_inputs"), writes_records=_lazy("lnull.evaluate:records_used")),
     Stage("export", "export", "write a merged HF model and a LoRA adapter on the original model",
           "lnull.export:run", reads=lambda cfg: ("init", "train"), loads_model=_pending("export")),
     Stage("analyze", "analysis", "effective ranks, spectra, projection profile, Table 1, rho_k, relative change",

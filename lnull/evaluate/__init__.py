@@ -208,6 +208,31 @@ def score_one(name: str, bench: dict[str, Any], ctx: EvalContext, key: str = "",
     return data
 
 
+def check_inputs(layout: Any) -> bool:
+    """The stage's pre-flight (``Stage.check``): the benchmarks' inputs (``Scorer.check_inputs``) and every
+    ``eval.models`` entry that is a model folder or hub id exist; True when the base model is scored and one of
+    its records is missing (so the run loads the base model)."""
+    from lnull.modeling import check_model_available
+
+    cfg, cache = layout.cfg, layout.cfg.get("cache_dir")
+    for name, bench in cfg["eval"]["benchmarks"].items():
+        check_benchmark_inputs(name, bench, cache, cfg["eval"])
+    loads_model = False
+    for model in cfg["eval"]["models"]:
+        if model not in RUN_MODELS:
+            check_model_available(model, cache, "eval.models entry")
+        elif model == "base" and any(layout.store.read_record(k) is None
+                                     for k in expected_records(layout, "base").values()):
+            loads_model = True
+    return loads_model
+
+
+def records_used(layout: Any) -> list[str]:
+    """``Stage.writes_records``: the record key of every (scored model, benchmark) of the run's config, in
+    ``eval.models`` order."""
+    return [key for which in layout.cfg["eval"]["models"] for key in expected_records(layout, which).values()]
+
+
 def run(cfg: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
     """Stage entry: every (model, benchmark) record of this config, computed when the store lacks it; the run's
     ``eval/results.json`` lists them and ``eval/<model>/<benchmark>.json`` links each."""
