@@ -72,7 +72,7 @@ def run(spec: dict, work: Path, dry: bool, rec: Recorder) -> None:
         if exc.code not in (0, None):
             raise RuntimeError(f"lnull run exited with {exc.code}") from None
     seconds = time.perf_counter() - t0
-    run_dir = next(p for p in runs.iterdir() if p.name != "store" and p.is_dir())
+    run_dir = next(p.parent for p in runs.rglob("config.yaml") if "store" not in p.relative_to(runs).parts)
     out: dict[str, Any] = {"run_s": round(seconds, 1), "peak_gpu_gib": peak_gib(),
                            "checkpoint_saves": len(saves), "checkpoint_save_s": saves,
                            "eigh": {"calls": eigh["calls"], "seconds": round(eigh["seconds"], 2),
