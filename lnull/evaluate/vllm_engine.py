@@ -33,6 +33,7 @@ from lnull.modeling import release_accelerator_memory
 _ENGINE: dict[str, Any] = {}  # {"key": (base, dtype, max_lora_rank), "llm": vllm.LLM}
 _LORA_IDS: dict[str, int] = {}  # adapter path -> vLLM's globally unique lora_int_id (1, 2, ...)
 _CONVERTED: dict[tuple[str, str], str] = {}  # (adapter, init adapter) -> its lora_on_original temp folder
+_MOVES_WEIGHT: dict[str, bool] = {}  # init adapter -> B0 != 0 somewhere (read once: GBs of factors at 7B)
 # vLLM accepts only these max_lora_rank values (vllm.config.LoRAConfig)
 _VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -46,7 +47,10 @@ def model_and_adapter(ctx: Any) -> tuple[str, Optional[str], int]:
     if adapter is not None and needs_hooks(Path(adapter)):
         raise ConfigError(f"eval.engine=vllm cannot apply the hooks the adapter {adapter} needs (an unbaked "
                           "OPLoRA adapter); use eval.engine=hf")
-    if adapter is not None and ctx.init_adapter_path is not None and initial_factors(ctx.init_adapter_path)[0]:
+    init = ctx.init_adapter_path
+    if init is not None and str(init) not in _MOVES_WEIGHT:
+        _MOVES_WEIGHT[str(init)] = bool(initial_factors(Path(init))[0])
+    if adapter is not None and init is not None and _MOVES_WEIGHT[str(init)]:
         if Path(adapter).resolve() == Path(ctx.init_adapter_path).resolve():
             return base, None, 0  # W_res + s B0 A0 = W0: the initial model is the original
         pair = (str(adapter), str(ctx.init_adapter_path))
