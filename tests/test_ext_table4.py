@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO
 from lnull.cli import compose
 from lnull.errors import ConfigError
-from lnull.tables import paper, paper_table, render
+from lnull.tables import paper, render
 
 # The paper's Table 4 (TriviaQA exact match %); RoseLoRA's is cited there from Wang et al. (2024b).
 PRINTED = {"base": 52.51, "LoRA (r=32)": 23.5, "RoseLoRA (r=32)": 30.1, "LoRA-Null-v1 (r=32)": 44.1,
@@ -50,7 +50,7 @@ def test_run_missing_never_runs_the_cited_row(tmp_path, monkeypatch):
     _, rows = _rows(tmp_path, "+scale=demo")
     ran, said = [], []
     monkeypatch.setattr(lnull.pipeline, "run_pipeline", lambda cfg, stages=None, log=None: ran.append(cfg))
-    paper.run_missing(rows, None, said.append)
+    paper.run_rows(rows, None, said.append)
     assert [c["method"]["name"] for c in ran] == ["lora", "lora_null_v1", "lora_null_v2", "lora_null_v2"]
     assert any("RoseLoRA" in line and "reported, not reproduced" in line and "not run" in line for line in said)
 
@@ -67,7 +67,7 @@ def _record(key: str, which: str, bench: str, value, method=None) -> dict:
 
 
 def test_ext_4_builds_at_demo_scale_from_fixture_records_with_roselora_cited(tmp_path):
-    """The whole table path (lnull.tables.paper_table) on stored fixture records: the four reproduced rows read
+    """The whole table path (lnull.tables.paper.build) on stored fixture records: the four reproduced rows read
     the store, RoseLoRA shows the paper's 30.10 marked "reported, not reproduced" in every file."""
     from lnull.evaluate import expected_records
     from lnull.layout import RunLayout
@@ -84,7 +84,7 @@ def test_ext_4_builds_at_demo_scale_from_fixture_records_with_roselora_cited(tmp
             layout.store.write_record(keys[bench], _record(keys[bench], which, bench, value,
                                                            None if row.is_base else row.method))
     said = []
-    result = paper_table(cfg, tmp_path / "tables", said.append)
+    result = paper.build(cfg, tmp_path / "tables", said.append)
     assert result["complete_rows"] == result["rows"] == 6
     md = (tmp_path / "tables" / "ext_4.md").read_text()
     rose = next(line for line in md.splitlines() if line.startswith("| RoseLoRA"))
@@ -125,7 +125,7 @@ def test_offline_the_one_line_message_says_to_point_task_dataset_at_a_local_file
     _, rows = _rows(tmp_path)
     monkeypatch.setattr(sources, "hub_reachable", lambda *a, **k: False)
     with pytest.raises(ConfigError) as err:
-        paper.run_missing(rows, None, lambda line: None)
+        paper.run_rows(rows, None, lambda line: None)
     message = str(err.value)
     assert "\n" not in message and "task.dataset" in message and "ultrafeedback" in message
     assert "local jsonl" in message

@@ -60,7 +60,7 @@ def _run(root: Path, method: str, extra: tuple[str, ...]) -> dict[str, Any]:
     run = run_pipeline(compose([f"run.dir={root / method}", *overrides]), log=lambda msg: None)
     # every optional upstream counted (analyze's key in a run depends on what the store holds: order-dependent)
     stage_keys = StageKeys(run.cfg)
-    keyed = [s.name for s in STAGES if not s.always]
+    keyed = [s.name for s in STAGES]
     keys = {name: stage_keys[name] for name in keyed}
     for name in keyed:
         if not BY_NAME[name].optional_reads:

@@ -207,9 +207,9 @@ def test_demo_table_builds_from_fixture_records(tmp_path):
     cfg = compose(["table=demo", f"run.root={tmp_path}", f"table.out_dir={out}", "table.bootstrap=500",
                    "table.overrides=['model=tiny']"])
     _store_fixture(cfg, skip=("pissa",))
-    from lnull.pipeline import run_pipeline
+    from lnull.tables import run_table
 
-    run_pipeline(cfg, stages=["table"], log=lambda m: None)
+    run_table(cfg, log=lambda m: None)
     md = (out / "demo.md").read_text()
     main, change = md.split("#### Change")[0], md.split("#### Change")[1].split("####")[0]
     rows = {line.split(" | ")[0][2:]: line for line in main.splitlines() if line.startswith("| ")}

@@ -12,10 +12,6 @@ from pathlib import Path
 from lnull.pipeline import LayoutContext
 from lnull.stages import STAGES, StageContext
 
-# `table` is still a keyless stage that runs other runs (issue 25 part 2: it becomes a command)
-CALLS_THE_PIPELINE = {"table"}
-
-
 def _module_file(stage) -> Path:
     return Path(importlib.import_module(stage.runner.partition(":")[0]).__file__)
 
@@ -35,9 +31,15 @@ def test_the_pipeline_context_has_every_member_of_the_protocol():
 
 def test_no_stage_module_imports_the_pipeline():
     for stage in STAGES:
-        if stage.name in CALLS_THE_PIPELINE:
-            continue
         tree = ast.parse(_module_file(stage).read_text())
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert "lnull.pipeline" not in imported, f"stage '{stage.name}' ({stage.runner}) imports lnull.pipeline"
+
+
+def test_table_is_a_command_not_a_stage():
+    """`lnull table` reads other runs' records and runs them: a command with no key and no run folder."""
+    from lnull.cli import COMMANDS
+    from lnull.stages import BY_NAME
+
+    assert "table" in COMMANDS and "table" not in BY_NAME

@@ -1,4 +1,5 @@
-"""AAAI Tables 1 and 2 measured by ``lnull analyze`` (``kind: analysis`` table specs), as Markdown, LaTeX and CSV.
+"""Table kind ``analysis``: AAAI Tables 1 and 2 measured by ``lnull analyze``, as Markdown, LaTeX and CSV; its rows
+are composed as a paper table's (``paper.compose_rows``) and run as far as ``analyze``.
 
 - Table 1 (``analysis_part: table1``): per method, the means of ``analysis/table1.csv``: residual distance
   ||W_res - W0|| / ||W0||, and the share of A's energy in the principal eigen-space of the calibration
@@ -13,11 +14,15 @@ import csv
 import io
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from lnull.errors import ConfigError
-from lnull.tables.paper import Row
+from lnull.tables.base import TableKind, register
+from lnull.tables.paper import compose_rows, run_rows
 from lnull.tables.render import MISSING, latex_escape
+from lnull.tables.rows import Row, write_files
+
+PARTS = ("table1", "effective_rank")
 
 TABLE1_COLUMNS = ("residual_rel_change", "A_energy_top_m", "A_energy_bottom_r")
 
@@ -65,15 +70,20 @@ def effective_ranks(rows: list[Row], reported_file: Path) -> tuple[list[str], li
     return header, body
 
 
-def build(tcfg: dict[str, Any], rows: list[Row], reported_dir: Path) -> tuple[str, str, str]:
-    """(markdown, latex, csv) of an analysis table."""
-    part = tcfg["analysis_part"]
-    if part == "table1":
+def composed(cfg: dict[str, Any]) -> list[Row]:
+    """The table's method rows (the pre-trained row is not analysed)."""
+    part = cfg["table"]["analysis_part"]
+    if part not in PARTS:
+        raise ConfigError(f"table.analysis_part must be {' or '.join(PARTS)}, got '{part}'")
+    return compose_rows(cfg)[1:]
+
+
+def texts(tcfg: dict[str, Any], rows: list[Row], reported_dir: Path) -> dict[str, str]:
+    """{md, tex, csv} of an analysis table."""
+    if tcfg["analysis_part"] == "table1":
         header, body = table1(rows)
-    elif part == "effective_rank":
-        header, body = effective_ranks(rows, reported_dir / (tcfg["reported"] or "aaai_table2_effective_rank.csv"))
     else:
-        raise ConfigError(f"table.analysis_part must be table1 or effective_rank, got '{part}'")
+        header, body = effective_ranks(rows, reported_dir / (tcfg["reported"] or "aaai_table2_effective_rank.csv"))
     md = [f"### {tcfg['title']}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(r) + " |" for r in body]
     md += ["", f"{MISSING} not analysed yet (`lnull table table={tcfg['name']} table.run_missing=true`)"]
@@ -83,4 +93,26 @@ def build(tcfg: dict[str, Any], rows: list[Row], reported_dir: Path) -> tuple[st
     tex += [r"\bottomrule", r"\end{tabular}"]
     buf = io.StringIO()
     csv.writer(buf).writerows([header] + body)
-    return "\n".join(md) + "\n", "\n".join(tex) + "\n", buf.getvalue()
+    return {"md": "\n".join(md) + "\n", "tex": "\n".join(tex) + "\n", "csv": buf.getvalue()}
+
+
+def build(cfg: dict[str, Any], out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Write ``<name>.{md,tex,csv}`` into ``out`` from the rows' stored analyses."""
+    tcfg = cfg["table"]
+    rows = composed(cfg)
+    written = texts(tcfg, rows, Path(tcfg["reported_dir"]))
+    log(written["md"])
+    return {"rows": len(rows), "complete_rows": sum(ok for _, ok in status_of(rows)),
+            "paths": write_files(out, tcfg["name"], written)}
+
+
+def status_of(rows: list[Row]) -> list[tuple[str, bool]]:
+    """(row label, its run's analysis is stored) per method row."""
+    from lnull.layout import RunLayout
+
+    return [(row.label, RunLayout(row.cfg).is_complete("analyze")) for row in rows]
+
+
+ANALYSIS = register(TableKind(
+    "analysis", build, compose=composed, status=lambda cfg: status_of(composed(cfg)),
+    run_missing=lambda cfg, log: run_rows(composed(cfg), ["calibrate", "init", "analyze"], log)))

@@ -1,4 +1,4 @@
-"""A paper table from its spec (``configs/table/<name>.yaml``): each row is the table's experiment with one
+"""Table kind ``results``: a paper table from its spec (``configs/table/<name>.yaml``), e.g. ``table=aaai_3a``. Each row is the table's experiment with one
 method, composed as ``lnull run`` would compose it; its cells are the stored records of that config (looked up by
 key, so a row is done exactly when the store has its records) and the derived columns computed from them.
 
@@ -8,67 +8,16 @@ reproduced" wherever the table is written.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from lnull.errors import ConfigError
-from lnull.io import warn
+from lnull.tables.base import TableKind, register
 from lnull.tables.derived import derive
+from lnull.tables.rows import CITED, Cell, Row, check_columns, row_overrides, run_configs, stored_records, write_files
 
-
-@dataclass
-class Cell:
-    """One number: ``value`` (None: missing), its standard error, and why it is missing when it is."""
-
-    value: Optional[float]
-    stderr: Optional[float] = None
-    missing: Optional[str] = None  # "not run" (no record in the store) | "not scored" (e.g. no MT-Bench judge)
-
-
-@dataclass
-class Row:
-    label: str
-    method: str  # registry name, or "base" for the pre-trained row
-    cfg: dict[str, Any]
-    reported_as: str
-    paper_rank: Optional[int] = None  # the row's rank and calibration size in the paper's units (any scale)
-    paper_calib: Optional[int] = None
-    x: Optional[int] = None  # the paper's value of the table's swept key (rank or calibration samples)
-    cells: dict[str, Cell] = field(default_factory=dict)
-    params: Optional[int] = None  # trainable parameters, measured by training
-    cited: Optional[str] = None  # a cited row: where its numbers come from (never run, never looked up)
-    cited_values: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def is_base(self) -> bool:
-        return self.method == "base"
-
-    @property
-    def is_cited(self) -> bool:
-        return self.cited is not None
-
-
-CITED = "reported, not reproduced"
-
-
-def row_overrides(table_cfg: dict[str, Any], row: dict[str, Any]) -> list[str]:
-    """The Hydra overrides of one row: the table's experiment, the row's method, its paper rank and calibration
-    size divided by the scale's divisors, the scale, and the caller's run/store/cache settings."""
-    cfg, tcfg = table_cfg, table_cfg["table"]
-    scale = cfg["scale"]
-    out = [f"+experiment={tcfg['experiment']}", f"method={row['method']}"]
-    if scale["name"] != "paper":
-        out.append(f"+scale={scale['name']}")
-    if row.get("rank") is not None:
-        out.append(f"method.rank={max(1, round(row['rank'] / scale['rank_divisor']))}")
-    if row.get("calibration_samples") is not None:
-        out.append(f"calibration.samples={max(1, round(row['calibration_samples'] / scale['calib_divisor']))}")
-    out += [f"run.root={cfg['run']['root']}", f"progress={str(cfg['progress']).lower()}", f"device={cfg['device']}"]
-    if cfg.get("store", {}).get("root"):
-        out.append(f"store.root={cfg['store']['root']}")
-    if cfg.get("cache_dir"):
-        out.append(f"cache_dir={cfg['cache_dir']}")
-    return out + list(tcfg["overrides"])
+__all__ = ["CITED", "Cell", "Row", "row_overrides", "compose_rows", "columns", "check_benchmarks", "fill", "status",
+           "run_rows", "build", "RESULTS"]
 
 
 def compose_rows(table_cfg: dict[str, Any]) -> list[Row]:
@@ -118,29 +67,18 @@ def columns(tcfg: dict[str, Any]) -> list[str]:
 def check_benchmarks(rows: list[Row], tcfg: dict[str, Any]) -> None:
     """Every raw column is a benchmark of every row's eval config (else a one-line ConfigError)."""
     for row in rows:
-        if row.is_cited:
-            continue
-        have = row.cfg["eval"]["benchmarks"]
-        for bench in list(tcfg["knowledge"]) + list(tcfg["downstream"]):
-            if bench not in have:
-                raise ConfigError(f"table '{tcfg['name']}': column '{bench}' is not a benchmark of experiment "
-                                  f"'{tcfg['experiment']}' (it has {', '.join(have)})")
+        if not row.is_cited:
+            check_columns(row.cfg, list(tcfg["knowledge"]) + list(tcfg["downstream"]), tcfg["name"])
 
 
 def fill(rows: list[Row], tcfg: dict[str, Any]) -> None:
     """Cells of every row from the store (raw columns; a cited row's from the paper), then the derived columns."""
-    from lnull.evaluate import expected_records
-    from lnull.layout import RunLayout
-
     raw = list(tcfg["knowledge"]) + list(tcfg["downstream"])
     for row in rows:
         if row.is_cited:
             fill_cited(row, raw, tcfg)
             continue
-        layout = RunLayout(row.cfg)
-        keys = expected_records(layout, "base" if row.is_base else "trained")
-        for bench in raw:
-            rec = layout.store.read_record(keys[bench], warn=warn)
+        for bench, rec in stored_records(row.cfg, "base" if row.is_base else "trained", raw).items():
             if rec is None:
                 row.cells[bench] = Cell(None, missing="not run")
             elif rec["value"] is None:
@@ -161,8 +99,6 @@ def fill(rows: list[Row], tcfg: dict[str, Any]) -> None:
 def fill_cited(row: Row, raw: list[str], tcfg: dict[str, Any]) -> None:
     """A cited row's raw cells: the reported CSV's row (``table.reported``) when it has one, else the spec's
     ``values``; a column the paper does not print is missing as "not reported"."""
-    from pathlib import Path
-
     from lnull.tables.reported import cited_values
 
     values = cited_values(row, Path(tcfg["reported_dir"]), tcfg.get("reported"))
@@ -177,16 +113,58 @@ def status(rows: list[Row]) -> list[tuple[str, bool]]:
              row.is_cited or all(c.missing != "not run" for c in row.cells.values())) for row in rows]
 
 
-def run_missing(rows: list[Row], stages: Optional[list[str]], log: Callable[[str], None]) -> None:
-    """Run each row's config (``lnull run``, or ``stages``): stored stages and records are reused, so this
-    computes only what the store lacks. The pre-trained row is scored by the first row's run."""
-    from lnull.pipeline import run_pipeline
-
+def run_rows(rows: list[Row], stages: Optional[list[str]], log: Callable[[str], None]) -> None:
+    """Run each row's config (``lnull run``, or ``stages``); the pre-trained row is scored by the first row's run,
+    a cited row is never run."""
     for row in rows:
-        if row.is_base:
-            continue
         if row.is_cited:
             log(f"[table] {row.label}: {CITED} ({row.cited}); not run")
-            continue
-        log(f"[table] {row.label}: +experiment={row.cfg['experiment']} method={row.method}")
-        run_pipeline(row.cfg, stages=stages, log=log)
+    run_configs([(f"{row.label}: +experiment={row.cfg['experiment']} method={row.method}", row.cfg)
+                 for row in rows if not (row.is_base or row.is_cited)], stages, log)
+
+
+def composed(cfg: dict[str, Any]) -> list[Row]:
+    """The table's rows, their raw columns checked against every row's benchmarks."""
+    rows = compose_rows(cfg)
+    check_benchmarks(rows, cfg["table"])
+    return rows
+
+
+def filled(cfg: dict[str, Any]) -> list[Row]:
+    """The table's rows with their cells read from the store."""
+    rows = composed(cfg)
+    fill(rows, cfg["table"])
+    return rows
+
+
+def build(cfg: dict[str, Any], out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Write ``<name>.{md,tex,csv}`` (and the sweep figure) into ``out`` from the store; the Markdown is logged."""
+    from lnull.tables import render
+    from lnull.tables.reported import find, load
+
+    tcfg = cfg["table"]
+    rows = filled(cfg)
+    cols = columns(tcfg)
+    printed = load(Path(tcfg["reported_dir"])).get(tcfg["reported"], []) if tcfg["reported"] else []
+    reported = [find(printed, row.reported_as, row.paper_rank, row.paper_calib) if printed else None for row in rows]
+    title = tcfg["title"] or tcfg["name"]
+    md = render.markdown(title, rows, cols)
+    if printed:
+        md += "\n" + render.comparison_markdown(rows, cols, reported)
+    scale = cfg["scale"]["name"]
+    if scale != "paper":
+        md += f"\nScale: {scale} (`+scale={scale}`): not the papers' setting; see configs/scale/.\n"
+    paths = write_files(out, tcfg["name"], {"md": md, "tex": render.latex(title, rows, cols),
+                                            "csv": render.csv_text(rows, cols, reported)})
+    if tcfg["sweep"]:
+        from lnull.tables.figures import sweep_figure
+
+        paths.append(str(sweep_figure(Path(out) / f"{tcfg['name']}.png", tcfg["title"], rows, reported,
+                                      tcfg["sweep"])))
+    log(md)
+    return {"rows": len(rows), "complete_rows": sum(ok for _, ok in status(rows)), "paths": paths}
+
+
+RESULTS = register(TableKind(
+    "results", build, compose=composed, status=lambda cfg: status(filled(cfg)),
+    run_missing=lambda cfg, log: run_rows(composed(cfg), None, log)))

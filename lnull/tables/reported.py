@@ -131,3 +131,14 @@ def cited_values(row, folder: Path, table: Optional[str]) -> dict[str, float]:
         if found is not None:
             return dict(found.values)
     return dict(row.cited_values)
+
+
+def audit_texts(found: list[Disagreement]) -> dict[str, str]:
+    """{md, csv} of the audit: every printed derived value its printed raw values do not give."""
+    lines = ["### Audit of the papers' derived columns (Avg1, Avg1(Per), Avg2, GM, Avg)", "",
+             "| table | row | column | printed | recomputed |", "|---|---|---|---:|---:|"]
+    lines += [f"| {d.table} | {d.row} | {d.column} | {d.printed:.2f} | {d.recomputed:.2f} |" for d in found]
+    lines += ["", f"{len(found)} printed value(s) disagree with their raw columns beyond rounding."]
+    csv_lines = ["table,row,column,printed,recomputed"] + [f"{d.table},{d.row},{d.column},{d.printed:.2f},"
+                                                          f"{d.recomputed:.4f}" for d in found]
+    return {"md": "\n".join(lines) + "\n", "csv": "\n".join(csv_lines) + "\n"}

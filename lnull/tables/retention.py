@@ -1,4 +1,4 @@
-"""``kind: retention`` tables (``make demo``): how much pre-trained knowledge each method keeps while it learns.
+"""Table kind ``retention`` (``table=demo``, ``make demo``): how much pre-trained knowledge each method keeps while it learns.
 
 Rows are the table's experiment with one method each, fine-tuned ``seeds`` times (``train.seed`` + 0, 1, ...) at
 each of ``lrs`` (none: the experiment's ``train.lr``); a method's row is its best learning rate by the learning
@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from lnull.errors import ConfigError
-from lnull.io import warn
-from lnull.tables.paper import Cell, Row, row_overrides
+from lnull.tables.base import TableKind, register
+from lnull.tables.rows import Cell, Row, check_columns, row_overrides, run_configs, stored_records, write_files
 
-LOWER_IS_BETTER = ("avg_nll",)  # plus every knowledge and general column
 LABELS = {"nq_open_nll": "NQ-Open", "triviaqa_nll": "TriviaQA", "webqs_nll": "WebQS", "avg_nll": "Avg",
           "kept": "Kept %", "wiki_text": "Wiki text", "task_heldout": "Task EM %", "gm": "GM"}
 
@@ -45,13 +44,21 @@ class Fit:
     records: Optional[dict[str, Optional[dict[str, Any]]]] = None  # benchmark -> stored record (None: not run)
 
 
+def columns_of(tcfg: dict[str, Any]) -> list[str]:
+    """Every benchmark the table reads: knowledge, general, downstream."""
+    return list(tcfg["knowledge"]) + list(tcfg["general"]) + list(tcfg["downstream"])
+
+
 def compose_fits(table_cfg: dict[str, Any]) -> tuple[dict[str, Any], list[Fit]]:
-    """(config of the pre-trained row, every fine-tune of the table)."""
+    """(config of the pre-trained row, every fine-tune of the table); its columns checked to be benchmarks of
+    the experiment."""
     from lnull.compose import compose
 
     tcfg = table_cfg["table"]
     if not tcfg["rows"] or not tcfg["experiment"]:
         raise ConfigError(f"table '{tcfg['name']}' has no rows or no experiment")
+    if not tcfg["knowledge"] or not tcfg["downstream"]:
+        raise ConfigError(f"table '{tcfg['name']}' (kind retention) needs knowledge and downstream columns")
     fits = []
     for spec in tcfg["rows"]:
         base = row_overrides(table_cfg, spec)
@@ -60,20 +67,8 @@ def compose_fits(table_cfg: dict[str, Any]) -> tuple[dict[str, Any], list[Fit]]:
             for i in range(tcfg["seeds"]):
                 cfg = compose(base + [f"train.seed={first['train']['seed'] + i}", f"train.lr={lr}"])
                 fits.append(Fit(spec["method"], spec.get("label") or spec["method"], lr, cfg["train"]["seed"], cfg))
+    check_columns(fits[0].cfg, columns_of(tcfg), tcfg["name"])
     return fits[0].cfg, fits
-
-
-def _records(cfg: dict[str, Any], which: str, benches: list[str]) -> dict[str, Optional[dict[str, Any]]]:
-    from lnull.evaluate import expected_records
-    from lnull.layout import RunLayout
-
-    layout = RunLayout(cfg)
-    keys = expected_records(layout, which)
-    missing = [b for b in benches if b not in keys]
-    if missing:
-        raise ConfigError(f"columns {', '.join(missing)} are not benchmarks of experiment '{cfg['experiment']}' "
-                          f"(it has {', '.join(keys)})")
-    return {b: layout.store.read_record(keys[b], warn=warn) for b in benches}
 
 
 def _items(rec: dict[str, Any]) -> list[float]:
@@ -165,13 +160,12 @@ def _derived(cells: dict[str, Cell], base: dict[str, Cell], knowledge: list[str]
 def collect(table_cfg: dict[str, Any]) -> tuple[MethodResult, list[MethodResult], list[MethodResult]]:
     """(pre-trained, each method at its best learning rate, every method x learning rate) from the store."""
     tcfg = table_cfg["table"]
-    knowledge, general, downstream = list(tcfg["knowledge"]), list(tcfg["general"]), list(tcfg["downstream"])
-    benches = knowledge + general + downstream
+    knowledge, downstream, benches = list(tcfg["knowledge"]), list(tcfg["downstream"]), columns_of(tcfg)
     learning = downstream[0] if downstream else None
     base_cfg, fits = compose_fits(table_cfg)
-    base_fit = Fit("base", "", 0.0, 0, base_cfg, _records(base_cfg, "base", benches))
+    base_fit = Fit("base", "", 0.0, 0, base_cfg, stored_records(base_cfg, "base", benches))
     for fit in fits:
-        fit.records = _records(fit.cfg, "trained", benches)
+        fit.records = stored_records(fit.cfg, "trained", benches)
     cells, items, _ = _aggregate([base_fit], benches)
     _derived(cells, cells, knowledge, learning)
     pre = MethodResult("base", f"{base_cfg['model']['name']} (pre-trained)", 0.0, [base_fit], cells, items, None)
@@ -192,12 +186,12 @@ def collect(table_cfg: dict[str, Any]) -> tuple[MethodResult, list[MethodResult]
 
 def status(table_cfg: dict[str, Any]) -> list[tuple[str, bool]]:
     """(fine-tune label, every record of it and of the pre-trained model stored) per fine-tune of the table."""
-    tcfg = table_cfg["table"]
-    benches = list(tcfg["knowledge"]) + list(tcfg["general"]) + list(tcfg["downstream"])
+    benches = columns_of(table_cfg["table"])
     base_cfg, fits = compose_fits(table_cfg)
-    base_done = all(r is not None for r in _records(base_cfg, "base", benches).values())
+    base_done = all(r is not None for r in stored_records(base_cfg, "base", benches).values())
     return [(f"{f.label} (lr {f.lr:g}, seed {f.seed})",
-             base_done and all(r is not None for r in _records(f.cfg, "trained", benches).values())) for f in fits]
+             base_done and all(r is not None for r in stored_records(f.cfg, "trained", benches).values()))
+            for f in fits]
 
 
 def _as_rows(pre: MethodResult, results: list[MethodResult], show_lr: bool) -> list[Row]:
@@ -340,26 +334,30 @@ def figure(path: Path, title: str, pre: MethodResult, results: list[MethodResult
     return save_png(fig, path)
 
 
+def lower_is_better(cfg: dict[str, Any], columns: list[str]) -> set[str]:
+    """The columns ranked lowest first: each benchmark whose scorer says so (an NLL), and the NLL average."""
+    from lnull.evaluate.registry import scorer_of
+
+    benches = cfg["eval"]["benchmarks"]
+    return {"avg_nll"} | {c for c in columns if c in benches and scorer_of(benches[c]["kind"]).lower_is_better}
+
+
+def run_missing(cfg: dict[str, Any], log: Callable[[str], None]) -> None:
+    """Run every fine-tune of the table (stored stages and records reused)."""
+    _, fits = compose_fits(cfg)
+    run_configs([(f"{fit.label}: lr {fit.lr:g}, seed {fit.seed}", fit.cfg) for fit in fits], None, log)
+
+
 def build(cfg: dict[str, Any], out: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    """Run what the store lacks (``table.run_missing``), then write ``<name>.{md,tex,csv,png}`` into ``out``."""
-    from lnull.io import atomic_write_text
+    """Write ``<name>.{md,tex,csv,png}`` into ``out`` from the store."""
     from lnull.tables.render import latex, markdown
 
     tcfg = cfg["table"]
     knowledge, general, downstream = list(tcfg["knowledge"]), list(tcfg["general"]), list(tcfg["downstream"])
-    if not knowledge or not downstream:
-        raise ConfigError(f"table '{tcfg['name']}' (kind retention) needs knowledge and downstream columns")
-    if tcfg["run_missing"]:
-        from lnull.pipeline import run_pipeline
-
-        _, fits = compose_fits(cfg)
-        for fit in fits:
-            log(f"[table] {fit.label}: lr {fit.lr:g}, seed {fit.seed}")
-            run_pipeline(fit.cfg, log=log)
     pre, best, grid = collect(cfg)
     learning = downstream[0]
     cols = knowledge + ["avg_nll", "kept"] + general + downstream + ["gm"]
-    lower = set(knowledge) | set(general) | set(LOWER_IS_BETTER)
+    lower = lower_is_better(pre.fits[0].cfg, cols)
     rows = _as_rows(pre, best, show_lr=len(tcfg["lrs"]) > 1)
     change_cols = knowledge + ["avg_nll"] + general
     change_rows = with_average(changes(pre, best, knowledge + general), knowledge)
@@ -380,12 +378,9 @@ def build(cfg: dict[str, Any], out: Path, log: Callable[[str], None]) -> dict[st
     if len(tcfg["lrs"]) > 1:
         md += "\n" + grid_markdown(grid, learning)
     lrs = {r.method: r.lr for r in best}
-    paths = []
-    for ext, text in (("md", md), ("tex", latex(tcfg["title"] or tcfg["name"], rows, cols, lower=lower,
-                                                 labels=LABELS)),
-                      ("csv", csv_text(rows, cols, change_rows, change_cols, lrs, tcfg["seeds"]))):
-        atomic_write_text(out / f"{tcfg['name']}.{ext}", text)
-        paths.append(str(out / f"{tcfg['name']}.{ext}"))
+    paths = write_files(out, tcfg["name"], {
+        "md": md, "tex": latex(tcfg["title"] or tcfg["name"], rows, cols, lower=lower, labels=LABELS),
+        "csv": csv_text(rows, cols, change_rows, change_cols, lrs, tcfg["seeds"])})
     grid_changes = None
     if len(tcfg["lrs"]) > 1:
         averaged = with_average(changes(pre, grid, knowledge), knowledge)
@@ -395,3 +390,6 @@ def build(cfg: dict[str, Any], out: Path, log: Callable[[str], None]) -> dict[st
     log(md)
     done = sum(all(c.missing != "not run" for c in r.cells.values()) for r in rows)
     return {"rows": len(rows), "complete_rows": done, "paths": paths}
+
+
+RETENTION = register(TableKind("retention", build, compose=compose_fits, status=status, run_missing=run_missing))

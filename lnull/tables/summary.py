@@ -1,15 +1,17 @@
-"""The generic summary table (``table=summary``): every run's validated result records (``eval/results.json``)
+"""Table kind ``summary``, the default table (``lnull table``, ``table=summary``): every run's validated result records (``eval/results.json``)
 pivoted to rows (experiment, method, rank, calibration samples, model) x benchmarks."""
 from __future__ import annotations
 
 import csv
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from lnull.errors import ConfigError
-from lnull.io import atomic_write_text, read_json
+from lnull.io import read_json
 from lnull.records import read_results
+from lnull.tables.base import TableKind, register
+from lnull.tables.rows import write_files
 
 
 def run_folders(root: Path) -> list[Path]:
@@ -71,7 +73,7 @@ def to_latex(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"]) + "\n"
 
 
-def summary_table(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+def build(cfg: dict[str, Any], out_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Write the table of ``table.runs`` (default: every run under ``run.root``) into ``out_dir``."""
     tcfg = cfg["table"]
     root = Path(cfg["run"]["root"])
@@ -82,9 +84,9 @@ def summary_table(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     header, body = pivot(rows)
     buf = io.StringIO()
     csv.writer(buf).writerows([header] + body)
-    paths = []
-    for ext, text in (("md", to_markdown(header, body)), ("tex", to_latex(header, body)), ("csv", buf.getvalue())):
-        path = Path(out_dir) / f"{tcfg['name']}.{ext}"
-        atomic_write_text(path, text)
-        paths.append(str(path))
+    paths = write_files(out_dir, tcfg["name"], {"md": to_markdown(header, body), "tex": to_latex(header, body),
+                                                "csv": buf.getvalue()})
     return {"rows": len(body), "paths": paths}
+
+
+SUMMARY = register(TableKind("summary", build))
