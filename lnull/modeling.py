@@ -137,15 +137,23 @@ def linear_shapes(config: dict[str, Any]) -> dict[str, tuple[int, int]]:
 
 
 def check_shapes(cfg: Any) -> None:
-    """Before calibration: the method's rank (and its own shape rule, ``Method.check_shape``) fits every targeted
-    projection, with shapes read from the model's config.json; skipped silently when no config.json is at hand
-    (a hub name not downloaded yet) or the model is not LLaMA-style. ConfigError naming the value and layer."""
+    """Before calibration: every ``model.target_modules`` name is an ``nn.Linear`` of the model (checked on the
+    meta-device skeleton its config.json describes, :func:`_skeleton`; :func:`target_linears`' errors), and the
+    method's rank (and its own shape rule, ``Method.check_shape``) fits every targeted projection, with shapes
+    read from the model's config.json; skipped silently when no config.json is at hand (a hub name not
+    downloaded yet), the shapes when the model is not LLaMA-style. ConfigError naming the value and layer."""
     from lnull.methods import REGISTRY
 
     method = REGISTRY.get(cfg["method"]["name"])
     if method is None or not method.has_adapter:
         return
     config = _model_config(cfg["model"]["name_or_path"], cfg.get("cache_dir"))
+    skeleton = _skeleton(config) if config else None
+    if skeleton is not None:  # every target name exists and is an nn.Linear (target_linears' one-line errors)
+        try:
+            target_linears(skeleton, cfg["model"]["target_modules"])
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (model {cfg['model']['name_or_path']})") from None
     shapes = linear_shapes(config) if config else {}
     rank = cfg["method"]["rank"]
     options = None
@@ -167,6 +175,30 @@ def check_shapes(cfg: Any) -> None:
                 method.check_shape(shape, options)
             except ConfigError as exc:
                 raise ConfigError(f"{exc} ({name} of model {cfg['model']['name_or_path']})") from None
+
+
+def _skeleton(config: dict[str, Any]) -> Optional[torch.nn.Module]:
+    """The modules of the causal LM that ``config`` (a config.json) describes, built on the meta device (no
+    memory, no weights, nothing read or downloaded); None when transformers cannot build it that way (no
+    ``model_type``, an architecture it does not know, remote code): then nothing is checked before loading."""
+    import warnings
+
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        values = dict(config)
+        hf_config = AutoConfig.for_model(values.pop("model_type"), **values)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            with warnings.catch_warnings(), torch.device("meta"):
+                warnings.simplefilter("ignore")
+                return AutoModelForCausalLM.from_config(hf_config)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    except Exception:  # noqa: BLE001 (any failure here only means: no structural pre-flight for this model)
+        return None
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
@@ -241,9 +273,35 @@ def load_tokenizer(path: str) -> Any:
 
 
 def target_linears(model: torch.nn.Module, target_modules: list[str]) -> dict[str, torch.nn.Linear]:
-    """Named ``nn.Linear`` modules whose last name component is in ``target_modules`` (PEFT's rule)."""
-    found = {name: mod for name, mod in model.named_modules()
-             if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in target_modules}
-    if not found:
-        raise ConfigError(f"model.target_modules {list(target_modules)} match no linear layer of the model")
+    """Named ``nn.Linear`` modules whose last name component is in ``target_modules`` (PEFT's rule).
+
+    One-line ConfigError, before any statistic or factor is computed, when a name in ``target_modules`` matches
+    no module of the model (naming it and the model's linear layers), or matches a module that is not an
+    ``nn.Linear`` (e.g. GPT-2's ``Conv1D``, whose weight is stored [d_in, d_out]): every method, the residual
+    and the calibration hooks read ``weight`` as [d_out, d_in]."""
+    wanted = set(target_modules)
+    found: dict[str, torch.nn.Linear] = {}
+    other: dict[str, str] = {}  # target name -> type of a matching module that is not nn.Linear
+    seen: set[str] = set()
+    for name, mod in model.named_modules():
+        last = name.rsplit(".", 1)[-1]
+        if last not in wanted:
+            continue
+        seen.add(last)
+        if isinstance(mod, torch.nn.Linear):
+            found[name] = mod
+        else:
+            other.setdefault(last, type(mod).__name__)
+    missing = [n for n in target_modules if n not in seen]
+    if missing:
+        layers = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2
+                         and not isinstance(m, torch.nn.Embedding)})
+        raise ConfigError(f"model.target_modules: {', '.join(missing)} match no module of the model "
+                          f"({type(model).__name__}; its linear layers: {', '.join(layers)})")
+    if other:
+        named = ", ".join(f"{n} ({t})" for n, t in sorted(other.items()))
+        raise ConfigError(f"model.target_modules: {named} of {type(model).__name__} are not torch.nn.Linear "
+                          "layers; lnull's initialisations target nn.Linear only (a Conv1D stores its weight "
+                          "transposed, [d_in, d_out])")
     return found
