@@ -37,8 +37,10 @@ def validate(cfg: DictConfig | LnullConfig) -> None:
     from lnull.evaluate.registry import check_eval_config
     from lnull.methods import REGISTRY
     from lnull.stages import BY_NAME
+    from lnull.tables.base import table_kind
 
     check_values(cfg)
+    table_kind(cfg.table.kind)  # a ConfigError naming the registered kinds when there is none
     name = cfg.method.name
     if name not in REGISTRY:
         raise ConfigError(f"unknown method '{name}'; known: {', '.join(sorted(REGISTRY))}")

@@ -414,9 +414,6 @@ def check_values(cfg: DictConfig | LnullConfig) -> None:
             raise ConfigError(f"{key} must be one of {', '.join(DTYPE_NAMES)}, got '{value}'")
     if cfg.calibration.device_budget_gb is not None and cfg.calibration.device_budget_gb <= 0:
         raise ConfigError(f"calibration.device_budget_gb must be > 0 or null, got {cfg.calibration.device_budget_gb}")
-    from lnull.tables.base import table_kind
-
-    table_kind(cfg.table.kind)  # a ConfigError naming the registered kinds when there is none
     if cfg.table.seeds < 1 or cfg.table.bootstrap < 1:
         raise ConfigError(f"table.seeds and table.bootstrap must be >= 1, got {cfg.table.seeds} and "
                           f"{cfg.table.bootstrap}")

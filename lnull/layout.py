@@ -23,7 +23,7 @@ from lnull.store import MARKER, RECORDS, Store
 CONFIG_DIGEST = ".config.sha256"  # sha256 of the config.yaml lnull wrote, to tell a hand edit
 
 
-def run_identity(cfg: dict[str, Any]) -> dict[str, Any]:
+def run_name_inputs(cfg: dict[str, Any]) -> dict[str, Any]:
     """What names a default run folder: the config values that enter the keys of the stages making the run's
     model (``lnull.stages``: calibration when the method reads a statistic, init, train), the model and the data
     named rather than fingerprinted (the folder is known before they are downloaded, and does not move when a file
@@ -51,13 +51,13 @@ def run_identity(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_name(cfg: dict[str, Any]) -> str:
-    """``<method>-r<rank>-<short hash of run_identity>``; ``<method>-<hash>`` for a method without an adapter
+    """``<method>-r<rank>-<short hash of run_name_inputs>``; ``<method>-<hash>`` for a method without an adapter
     (full fine-tuning: its rank means nothing)."""
     from lnull.methods import REGISTRY
 
     name = cfg["method"]["name"]
     rank = f"-r{cfg['method']['rank']}" if REGISTRY[name].has_adapter else ""
-    return f"{name}{rank}-{stable_hash(run_identity(cfg), 8)}"
+    return f"{name}{rank}-{stable_hash(run_name_inputs(cfg), 8)}"
 
 
 def default_run_dir(cfg: dict[str, Any]) -> Path:

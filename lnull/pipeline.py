@@ -72,21 +72,21 @@ def _run_stage(layout: RunLayout, name: str, log: Log) -> dict[str, Any]:
     if missing:
         raise ConfigError(f"stage '{name}' needs '{missing[0]}' first: run `lnull {missing[0]}` or `lnull run`")
     start = time.perf_counter()
-    identity = {"provenance": provenance(), **layout.keys.record(name)}
+    made_by = {"provenance": provenance(), **layout.keys.record(name)}  # what complete.json records
 
     def produce(out: Path) -> dict[str, Any]:
         summary = stage.function()(cfg, LayoutContext(layout, stage, out, log))
         return {**summary, "wall_seconds": round(time.perf_counter() - start, 3)}
 
     if stage.stored:
-        _, marker = layout.store.compute(stage.folder, layout.keys[name], produce, identity, log)
+        _, marker = layout.store.compute(stage.folder, layout.keys[name], produce, made_by, log)
         layout.link(name)
         if marker is None:
             log(f"[{name}] cached: {layout.view(name)} (computed by another process)")
             return {"cached": True}
         summary = marker["summary"]
     else:
-        summary = _run_local(layout, stage, produce, identity)
+        summary = _run_local(layout, stage, produce, made_by)
     log(f"[{name}] done in {summary['wall_seconds']:.1f}s: {layout.view(name)}")
     return summary
 
@@ -100,7 +100,7 @@ def _uses(layout: RunLayout, name: str) -> tuple[dict[str, str], list[str]]:
     return entries, stage.writes_records(layout)
 
 
-def _run_local(layout: RunLayout, stage: Stage, produce: Callable[[Path], dict], identity: dict) -> dict[str, Any]:
+def _run_local(layout: RunLayout, stage: Stage, produce: Callable[[Path], dict], made_by: dict) -> dict[str, Any]:
     """A run-local stage: work in ``<folder>.partial`` under the run's lock, publish by one rename (or return
     the summary another process published while this one waited for the lock)."""
     with layout.store.lock(stage.folder, f"run-{layout.dir.resolve().name}"):
@@ -110,7 +110,7 @@ def _run_local(layout: RunLayout, stage: Stage, produce: Callable[[Path], dict],
         partial.mkdir(parents=True, exist_ok=True)
         drop_stale_temps(partial)
         summary = produce(partial)
-        atomic_write_json(partial / MARKER, {**identity, "summary": summary})
+        atomic_write_json(partial / MARKER, {**made_by, "summary": summary})
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)

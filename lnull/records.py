@@ -1,4 +1,4 @@
-"""Result records: one scored (model, benchmark) with the whole identity of what was scored, read from the
+"""Result records: one scored (model, benchmark) with everything about what was scored, read from the
 artifacts that produced it (store entries' ``complete.json``), never from the config of whoever reads it.
 
 Validated on write (``lnull evaluate``) and on read (``lnull table``): a record missing a field, with an
@@ -12,11 +12,11 @@ from typing import Any, Callable, Optional, Union, get_args, get_origin, get_typ
 
 from lnull.errors import ConfigError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: ``identity`` renamed ``weights_from`` (schema-1 records are read as such)
 
 
 @dataclass
-class ModelIdentity:
+class BaseModelInfo:
     """The pre-trained model: config name, name_or_path, weight fingerprint (lnull.modeling), dtype loaded in."""
 
     name: str
@@ -26,7 +26,7 @@ class ModelIdentity:
 
 
 @dataclass
-class MethodIdentity:
+class MethodInfo:
     """The initialisation and adapter: rank and alpha None for full fine-tuning; trainable parameters as
     measured by training (None for a model scored at init)."""
 
@@ -38,7 +38,7 @@ class MethodIdentity:
 
 
 @dataclass
-class CalibrationIdentity:
+class CalibrationInfo:
     dataset: str
     source: str
     samples: int
@@ -49,7 +49,7 @@ class CalibrationIdentity:
 
 
 @dataclass
-class TrainIdentity:
+class TrainInfo:
     task: str
     dataset: str
     data_sha256: Optional[str]
@@ -63,7 +63,7 @@ class TrainIdentity:
 
 
 @dataclass
-class ScorerIdentity:
+class ScorerInfo:
     kind: str
     version: str  # the scorer's version with its packages' (lnull.evaluate.base.Scorer.full_version)
     lm_eval_version: Optional[str]
@@ -74,23 +74,24 @@ class ScorerIdentity:
 @dataclass
 class ResultRecord:
     """One (model, benchmark) score. ``model``: base | init | trained | a model path or hub name;
-    ``identity``: the folder (or hub name) its weights came from. ``value`` None: not scored (e.g. no judge),
-    never 0; ``stderr``: standard error of ``value`` where the scorer has one."""
+    ``weights_from``: the folder (or hub name) its weights came from (schema 1 called it ``identity``).
+    ``value`` None: not scored (e.g. no judge), never 0; ``stderr``: standard error of ``value`` where the
+    scorer has one."""
 
     key: str
     model: str
-    identity: str
-    base_model: ModelIdentity
-    method: Optional[MethodIdentity]
-    calibration: Optional[CalibrationIdentity]
-    train: Optional[TrainIdentity]
+    weights_from: str
+    base_model: BaseModelInfo
+    method: Optional[MethodInfo]
+    calibration: Optional[CalibrationInfo]
+    train: Optional[TrainInfo]
     benchmark: str
     kind: str
     metric: str
     value: Optional[float]
     stderr: Optional[float]
     n: int
-    scorer: ScorerIdentity
+    scorer: ScorerInfo
     settings: dict[str, Any]
     details: dict[str, Any]
     seconds: float
@@ -144,12 +145,15 @@ def validate(data: dict[str, Any], where: str = "record") -> ResultRecord:
     """A :class:`ResultRecord` from ``data``; ConfigError naming ``where`` and the first bad field."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: not a record")
+    if data.get("schema", 1) == 1 and "identity" in data:  # written before schema 2: the same fact, renamed
+        data = {("weights_from" if k == "identity" else k): v for k, v in data.items()}
+        data["schema"] = 1
     return _build(ResultRecord, data, where)
 
 
-# ---------------------------------------------------------------- identity from artifacts
+# ---------------------------------------------------------------- what was scored, from its artifacts
 
-def lineage(markers: dict[str, dict[str, Any]], base: ModelIdentity) -> dict[str, Any]:
+def lineage(markers: dict[str, dict[str, Any]], base: BaseModelInfo) -> dict[str, Any]:
     """``method`` / ``calibration`` / ``train`` identities from the ``complete.json`` markers of the scored
     model's store entries (``{"init": ..., "train": ..., "calibrate": ...}``, each optional)."""
     init, train, cal = markers.get("init"), markers.get("train"), markers.get("calibrate")
@@ -157,20 +161,20 @@ def lineage(markers: dict[str, dict[str, Any]], base: ModelIdentity) -> dict[str
     if init is not None:
         options = init["inputs"]["method"]
         info = init["summary"]
-        method = MethodIdentity(name=info["method"], rank=info.get("rank"), alpha=info.get("alpha"),
+        method = MethodInfo(name=info["method"], rank=info.get("rank"), alpha=info.get("alpha"),
                                 options=options, trainable_params=(train or {}).get("summary", {}).get(
                                     "trainable_params"))
     calibration = None
     if cal is not None:
         c, s = cal["inputs"]["calibration"], cal["summary"]
-        calibration = CalibrationIdentity(dataset=c["dataset"], source=s.get("source", c["dataset"]),
+        calibration = CalibrationInfo(dataset=c["dataset"], source=s.get("source", c["dataset"]),
                                           samples=c["samples"], seqlen=c["seqlen"], seed=c["seed"],
                                           official=bool(c.get("official", False)), dtype=c.get("dtype", "float32"))
     trained = None
     if train is not None:
         i, s = train["inputs"], train["summary"]
         t = i["train"]
-        trained = TrainIdentity(task=i["task"]["name"], dataset=i["task"]["dataset"], data_sha256=i.get("data"),
+        trained = TrainInfo(task=i["task"]["name"], dataset=i["task"]["dataset"], data_sha256=i.get("data"),
                                 lr=float(t["lr"]), steps=int(s["steps"]), effective_batch=int(t["batch_size"]),
                                 epochs=float(t["epochs"]), max_length=int(t["max_length"]), seed=int(t["seed"]),
                                 processes=int(s.get("processes", 1)))

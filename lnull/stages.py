@@ -44,7 +44,8 @@ def _method(cfg: Config) -> Any:
     return REGISTRY[cfg["method"]["name"]]
 
 
-def model_identity(cfg: Config) -> dict[str, Any]:
+def model_fingerprint_of(cfg: Config) -> dict[str, Any]:
+    """The run's pre-trained model in a key: its name_or_path and weight fingerprint (``lnull.modeling``)."""
     from lnull.modeling import model_fingerprint
 
     return model_fingerprint(cfg["model"]["name_or_path"], cfg.get("cache_dir"))
@@ -52,7 +53,7 @@ def model_identity(cfg: Config) -> dict[str, Any]:
 
 def _calibrate_inputs(cfg: Config) -> dict[str, Any]:
     m = cfg["model"]
-    return {"model": model_identity(cfg), "target_modules": m["target_modules"], "add_bos": m["add_bos"],
+    return {"model": model_fingerprint_of(cfg), "target_modules": m["target_modules"], "add_bos": m["add_bos"],
             "calibration": _section(cfg, "calibration")}
 
 
@@ -60,7 +61,7 @@ def _init_inputs(cfg: Config) -> dict[str, Any]:
     m = cfg["model"]
     # "residual": inits are an adapter only since the residual is rebuilt on load (lnull.residual); entries
     # written before held a stored residual whose rounding the rebuilt one need not match bit for bit
-    return {"model": model_identity(cfg), "dtype": m["dtype"], "target_modules": m["target_modules"],
+    return {"model": model_fingerprint_of(cfg), "dtype": m["dtype"], "target_modules": m["target_modules"],
             "method": _method(cfg).key_options(cfg["method"]), "residual": "rebuilt on load"}
 
 
@@ -182,7 +183,7 @@ STAGES: tuple[Stage, ...] = (
           check=_check_pending("train", "lnull.train:check_inputs"), check_first=True),
     Stage("evaluate", "eval", "score base / init / trained models on the eval benchmarks (one stored record each)",
           "lnull.evaluate:run", stored=False,
-          key_inputs=lambda cfg: {"eval": cfg["eval"], "model": model_identity(cfg), "dtype": cfg["model"]["dtype"],
+          key_inputs=lambda cfg: {"eval": cfg["eval"], "model": model_fingerprint_of(cfg), "dtype": cfg["model"]["dtype"],
                                   "add_bos": cfg["model"]["add_bos"]},
           reads=lambda cfg: tuple(s for s, which in (("init", ("init", "trained")), ("train", ("trained",)))
                                   if set(which) & set(cfg["eval"]["models"])),
@@ -235,5 +236,5 @@ class StageKeys:
         return self._keys[name]
 
     def record(self, name: str) -> dict[str, Any]:
-        """What a stage entry's ``complete.json`` records of its identity: its inputs and upstream keys."""
+        """What a stage entry's ``complete.json`` records of what made it: its inputs and upstream keys."""
         return {"stage": name, "key": self[name], "inputs": self.inputs(name), "upstream": self.upstream(name)}

@@ -214,7 +214,7 @@ class Store:
         with file_lock(self.lock_path(folder, key)):
             yield
 
-    def compute(self, folder: str, key: str, produce: Callable[[Path], dict[str, Any]], identity: dict[str, Any],
+    def compute(self, folder: str, key: str, produce: Callable[[Path], dict[str, Any]], made_by: dict[str, Any],
                 log: Callable[[str], None] = print) -> tuple[Path, Optional[dict[str, Any]]]:
         """The entry of ``key``, computing it with ``produce(partial_dir) -> summary`` unless it is complete.
 
@@ -234,7 +234,7 @@ class Store:
             partial.mkdir(parents=True, exist_ok=True)
             drop_stale_temps(partial)
             summary = produce(partial)
-            marker = {**identity, "key": key, "summary": summary, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            marker = {**made_by, "key": key, "summary": summary, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                       "files": manifest(partial)}
             atomic_write_json(partial / MARKER, marker)
             os.replace(partial, final)

@@ -299,7 +299,7 @@ def test_vllm_call_mapping(fake_vllm, tiny_cfg, tiny_model, tmp_path):
 
     source = model_source(RunLayout(cfg), str(adapter))  # a run's adapter: on its residual model
     assert source.init_adapter == str(run / "init" / "adapter") and source.base == "/orig/model"
-    ctx = EvalContext(None, tok, cfg, "trained", source.identity, tmp_path / "work", source.base, source.adapter,
+    ctx = EvalContext(None, tok, cfg, "trained", source.weights_from, tmp_path / "work", source.base, source.adapter,
                       source.init_adapter)
     outs = ctx.generate(["hello world", "abc"], 7, stop=[" STOP"], temperature=0.7, top_p=0.9, max_length=10)
     assert outs == ["out0", "out1"]

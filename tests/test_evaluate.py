@@ -82,12 +82,12 @@ def test_a_runs_adapter_folder_scores_as_the_trained_model(tiny_cfg):
     ids = torch.arange(3, 40).unsqueeze(0)
     trained, _, _ = load_for_eval(cfg, run, "trained", "cpu")
     by_path, _, source = load_for_eval(cfg, run, str(adapter), "cpu")
-    identity = source.identity
+    weights_from = source.weights_from
     assert source.init_adapter == str(run.dir / "init" / "adapter")  # PiSSA's residual model, rebuilt
     original, _, _ = load_for_eval(cfg, run, "base", "cpu")
     with torch.no_grad():
         want, got, orig = (m(input_ids=ids).logits for m in (trained, by_path, original))
-    assert identity == str(adapter) and torch.allclose(got, want, atol=1e-5)
+    assert weights_from == str(adapter) and torch.allclose(got, want, atol=1e-5)
     assert not torch.allclose(orig, want, atol=1e-3)  # training moved the model: the check is not vacuous
 
 
@@ -111,5 +111,5 @@ def test_weights_are_loaded_only_when_a_scorer_runs_the_model_here(tiny_cfg, tmp
     assert not needs_weights([gen, code], vllm) and not needs_weights([code], bigcode)
     cfg = tiny_cfg()
     model, tokenizer, source = load_for_eval(cfg, RunLayout(cfg), "base", "cpu", weights=False)
-    identity = source.identity
-    assert model is None and tokenizer is not None and identity.endswith("tiny-llama")
+    weights_from = source.weights_from
+    assert model is None and tokenizer is not None and weights_from.endswith("tiny-llama")

@@ -121,6 +121,10 @@ def test_record_schema_round_trip_and_rejects_bad_records(tmp_path):
                           (dict(trained, method=dict(trained["method"], rank="r")), "record.method.rank")):
         with pytest.raises(ConfigError, match=field):
             validate(broken)
+    # a record written before schema 2 named ``weights_from`` ``identity``: read as the same fact
+    assert trained["schema"] == 2 and "identity" not in trained
+    old = {("identity" if k == "weights_from" else k): v for k, v in trained.items() if k != "schema"}
+    assert validate(old).weights_from == trained["weights_from"] and validate(old).schema == 1
 
 
 def test_full_fine_tuning_records_no_rank(tmp_path):

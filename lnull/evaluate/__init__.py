@@ -4,7 +4,7 @@ and write the run's ``eval/results.json``.
 Each (scored model, benchmark) is one record in the store (``store/eval/<key>.json``), keyed by the scored
 model's key (the base model's weights, or the run's init / train key), the benchmark's settings and the
 scorer's version: the base model is scored once for every run on it, a new benchmark scores only itself, and
-removing one deletes nothing. A record's identity (``lnull.records``) is read from the store entries that
+removing one deletes nothing. What a record says was scored (``lnull.records``) is read from the store entries that
 produced the scored model. Scorers live one per module, each registering a ``Scorer`` (``lnull.evaluate.base``)
 found through ``lnull.evaluate.registry``; a killed
 evaluation resumes at the first record not written (and inside it, from the scorer's cache in its work folder).
@@ -24,7 +24,7 @@ from lnull.evaluate.registry import RUN_MODELS, check_benchmark_inputs, scorer_o
 from lnull.io import atomic_write_json, stable_hash
 from lnull.modeling import (load_tokenizer, model_fingerprint, original_path, pick_device,
                             release_accelerator_memory, resolve_model)
-from lnull.records import ModelIdentity, ResultRecord, ScorerIdentity, lineage, record_digest, validate
+from lnull.records import BaseModelInfo, ResultRecord, ScorerInfo, lineage, record_digest, validate
 from lnull.residual import load_residual_model
 from lnull.stages import StageContext
 from lnull.store import RECORDS
@@ -32,13 +32,13 @@ from lnull.store import RECORDS
 
 class ModelSource(NamedTuple):
     """Where the weights of a scored model come from. ``base``: model folder or hub name; ``adapter``: PEFT
-    adapter folder loaded on it (None without one); ``identity``: the folder (or hub name) the weights came
+    adapter folder loaded on it (None without one); ``weights_from``: the folder (or hub name) the weights came
     from; ``init_adapter``: the run's ``init/adapter`` whose s B0 A0 is subtracted from ``base`` first (the
     residual model, :mod:`lnull.residual`), None when ``base`` is used as it is."""
 
     base: str
     adapter: Optional[str]
-    identity: str
+    weights_from: str
     init_adapter: Optional[str] = None
 
 
@@ -83,9 +83,9 @@ def scored_key(layout: Any, which: str) -> str:
     return stable_hash({"base" if which == "base" else "path": model_fingerprint(name, cfg.get("cache_dir"))})
 
 
-def scored_model(layout: Any, which: str) -> tuple[str, dict[str, Any], ModelIdentity]:
+def scored_model(layout: Any, which: str) -> tuple[str, dict[str, Any], BaseModelInfo]:
     """(:func:`scored_key`, the complete.json markers of the store entries the weights came from, the
-    pre-trained model's identity)."""
+    pre-trained model it starts from)."""
     cfg, keys = layout.cfg, layout.keys
     m = cfg["model"]
     markers: dict[str, Any] = {}
@@ -96,9 +96,9 @@ def scored_model(layout: Any, which: str) -> tuple[str, dict[str, Any], ModelIde
         weights = markers["init"]["inputs"]["model"]
     else:
         weights = model_fingerprint(m["name_or_path"] if which == "base" else which, cfg.get("cache_dir"))
-    identity = ModelIdentity(name=m["name"], name_or_path=weights["name_or_path"], sha256=weights["sha256"],
+    base = BaseModelInfo(name=m["name"], name_or_path=weights["name_or_path"], sha256=weights["sha256"],
                              dtype=m["dtype"])
-    return scored_key(layout, which), markers, identity
+    return scored_key(layout, which), markers, base
 
 
 def expected_records(layout: Any, which: str) -> dict[str, str]:
@@ -185,7 +185,7 @@ def score_one(name: str, bench: dict[str, Any], ctx: EvalContext, key: str = "",
     """Run one scorer and build its validated record (``lineage_`` None: a pre-trained model of ``ctx.cfg``)."""
     if lineage_ is None:
         m = ctx.cfg["model"]
-        lineage_ = lineage({}, ModelIdentity(name=m["name"], name_or_path=m["name_or_path"], sha256=None,
+        lineage_ = lineage({}, BaseModelInfo(name=m["name"], name_or_path=m["name_or_path"], sha256=None,
                                              dtype=m["dtype"]))
     start = time.perf_counter()
     rec = scorer_of(bench["kind"]).function()(name, bench, ctx)
@@ -193,10 +193,10 @@ def score_one(name: str, bench: dict[str, Any], ctx: EvalContext, key: str = "",
     n = int(rec.get("n") or 0)
     core = {"metric", "value", "n", "stderr", "settings", "task", "task_version", "lm_eval_version"}
     record = ResultRecord(
-        key=key, model=ctx.which, identity=ctx.identity, **lineage_, benchmark=name, kind=bench["kind"],
+        key=key, model=ctx.which, weights_from=ctx.weights_from, **lineage_, benchmark=name, kind=bench["kind"],
         metric=rec.get("metric", bench["kind"]), value=None if rec.get("value") is None else float(rec["value"]),
         stderr=stderr_of(rec, bench["kind"]), n=n,
-        scorer=ScorerIdentity(kind=bench["kind"], version=scorer_version(bench["kind"]),
+        scorer=ScorerInfo(kind=bench["kind"], version=scorer_version(bench["kind"]),
                               lm_eval_version=rec.get("lm_eval_version"), task=rec.get("task", bench.get("task")),
                               task_version=None if rec.get("task_version") is None else str(rec["task_version"])),
         settings={**rec.get("settings", {}), "seed": ctx.eval_cfg["seed"], "engine": ctx.eval_cfg["engine"]},
@@ -246,7 +246,7 @@ def run(cfg: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
     records, counts = [], {"scored": 0, "reused": 0}
     for which in cfg["eval"]["models"]:
         _, markers, base_model = scored_model(layout, which)
-        identity = lineage(markers, base_model)
+        scored = lineage(markers, base_model)
         keys = expected_records(layout, which)
         loaded = None
         # benchmarks scored in this process first, then those whose engine loads the weights itself (vLLM,
@@ -271,9 +271,9 @@ def run(cfg: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
                     source = loaded[2]
                     work = store.item_work(RECORDS, key)
                     work.mkdir(parents=True, exist_ok=True)
-                    ectx = EvalContext(loaded[0], loaded[1], cfg, which, source.identity, work, source.base,
+                    ectx = EvalContext(loaded[0], loaded[1], cfg, which, source.weights_from, work, source.base,
                                        source.adapter, source.init_adapter)
-                    stored = score_one(name, bench, ectx, key, identity)
+                    stored = score_one(name, bench, ectx, key, scored)
                     store.write_item(RECORDS, key, stored)
                     counts["scored"] += 1
                     log(f"[evaluate] {which}/{name}: scored ({key})")

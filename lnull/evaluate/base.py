@@ -116,7 +116,7 @@ def read_saved_rows(path: Path) -> list[dict[str, Any]]:
 class EvalContext:
     """One evaluated model.
 
-    ``which``: base | init | trained | a model path; ``identity``: the folder (or hub name) the weights
+    ``which``: base | init | trained | a model path; ``weights_from``: the folder (or hub name) the weights
     came from (the adapter folder when there is one); ``base_path`` / ``adapter_path``: the model folder (or
     hub name) and the PEFT adapter folder loaded on it (None without one); ``init_adapter_path``: the run's
     ``init/adapter`` whose s B0 A0 the weights of ``base_path`` lose first (the residual model, ``lnull.residual``;
@@ -128,7 +128,7 @@ class EvalContext:
     tokenizer: Any
     cfg: dict[str, Any]
     which: str
-    identity: str
+    weights_from: str
     work_dir: Path
     base_path: str = ""
     adapter_path: Optional[str] = None

@@ -169,9 +169,9 @@ def score(name: str, bench: dict[str, Any], ctx: Any) -> dict[str, Any]:
 
 
 def bigcode_command(task: str, ctx: Any, out: Path) -> list[str]:
-    """The ``main.py`` command line of bigcode-evaluation-harness for ``task`` on ``ctx.identity``."""
+    """The ``main.py`` command line of bigcode-evaluation-harness for ``task`` on ``ctx.weights_from``."""
     code, ev = ctx.eval_cfg["code"], ctx.eval_cfg
-    cmd = [sys.executable, str(Path(code["bigcode_path"]).expanduser() / "main.py"), "--model", ctx.identity,
+    cmd = [sys.executable, str(Path(code["bigcode_path"]).expanduser() / "main.py"), "--model", ctx.weights_from,
            "--tasks", task, "--temperature", str(code["temperature"]), "--top_p", str(code["top_p"]),
            "--n_samples", str(code["n_samples"]), "--batch_size", str(min(ev["batch_size"], code["n_samples"])),
            "--max_length_generation", str(code["max_length"]), "--seed", str(ev["seed"]),
@@ -183,13 +183,13 @@ def bigcode_command(task: str, ctx: Any, out: Path) -> list[str]:
 
 def score_bigcode(task: str, ctx: Any) -> dict[str, Any]:
     """pass@1 (%) from the user's bigcode-evaluation-harness checkout (``eval.code.bigcode_path``), run
-    on the model folder ``ctx.identity`` with its own data (the hub's), generation and execution."""
+    on the model folder ``ctx.weights_from`` with its own data (the hub's), generation and execution."""
     main = Path(ctx.eval_cfg["code"]["bigcode_path"] or "").expanduser() / "main.py"
     if not main.is_file():
         raise ConfigError(f"eval.code.bigcode_path '{main.parent}' has no main.py (a bigcode-evaluation-harness "
                           "checkout is expected)")
-    if (Path(ctx.identity) / "adapter_config.json").exists():
-        raise ConfigError(f"'{ctx.identity}' is a PEFT adapter; eval.code.backend=bigcode needs a plain model "
+    if (Path(ctx.weights_from) / "adapter_config.json").exists():
+        raise ConfigError(f"'{ctx.weights_from}' is a PEFT adapter; eval.code.backend=bigcode needs a plain model "
                           "folder: merge it first with `lnull export`, or use eval.code.backend=builtin")
     out = Path(ctx.work_dir) / "bigcode.json"
     cmd = bigcode_command(task, ctx, out)

@@ -176,7 +176,7 @@ def generate_answers(ctx: Any, rows: list[dict], max_new_tokens: int, desc: str)
     with the same settings; returns also those settings."""
     chat_format = "chat_template" if getattr(ctx.tokenizer, "chat_template", None) else "plain (vicuna_v1.1)"
     model_id = re.sub(r"[^A-Za-z0-9_.-]+", "_", ctx.which).strip("_")
-    meta = {"model_id": model_id, "identity": ctx.identity, "chat_format": chat_format,
+    meta = {"model_id": model_id, "weights_from": ctx.weights_from, "chat_format": chat_format,
             "max_new_tokens": max_new_tokens, "engine": ctx.eval_cfg["engine"], "seed": ctx.eval_cfg["seed"],
             "add_bos": ctx.add_bos}
     path, meta_path = ctx.work_dir / "answers.jsonl", ctx.work_dir / "answers.meta.json"

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from lnull.io import save_png
-from lnull.tables.paper import Row
+from lnull.tables.rows import Row
 from lnull.tables.reported import ReportedRow
 
 AXES = {"method.rank": "rank r", "calibration.samples": "calibration samples"}

@@ -9,7 +9,7 @@ import csv
 import io
 from typing import Any, Callable, Optional
 
-from lnull.tables.paper import CITED, Cell, Row
+from lnull.tables.rows import CITED, Cell, Row
 from lnull.tables.reported import ReportedRow
 
 LABELS = {"triviaqa": "TriviaQA", "nq_open": "NQ Open", "webqs": "WebQS", "gsm8k": "GSM8K", "math": "MATH",

@@ -21,7 +21,7 @@ def run_folders(root: Path) -> list[Path]:
 
 
 def collect_results(run_dirs: list[Path]) -> list[dict[str, Any]]:
-    """One row per (run, evaluated model, benchmark), its identity read from the record itself."""
+    """One row per (run, evaluated model, benchmark), what was scored read from the record itself."""
     rows = []
     for run in run_dirs:
         path = run / "eval" / "results.json"
