@@ -14,6 +14,7 @@ unfiltered dev set), so TriviaQA numbers from the two sources are not interchang
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import json
@@ -37,6 +38,24 @@ PRIMARY_METRIC = {
 }
 SPLIT = "test"  # the one split of a swapped-in local file
 N_EXAMPLES = 3
+
+
+def simple_evaluate(**kwargs: Any) -> dict[str, Any]:
+    """``lm_eval.simple_evaluate(**kwargs)`` without what it prints that is not lnull's to show: a bare "Building
+    contexts" progress bar per task (``lm_eval.api.task`` calls ``tqdm`` with no switch to turn it off) and
+    ``git describe`` run in the current folder for its results' ``git_hash``, whose "fatal: not a git repository"
+    goes straight to the terminal outside a repository (lnull records its own commit in ``provenance.json``)."""
+    import lm_eval
+    import lm_eval.api.task as task_module
+    import lm_eval.evaluator as evaluator
+    import tqdm
+
+    with contextlib.ExitStack() as undo:
+        for module, name, quiet in ((task_module, "tqdm", functools.partial(tqdm.tqdm, disable=True)),
+                                    (evaluator, "get_git_commit_hash", lambda: None)):
+            undo.callback(setattr, module, name, getattr(module, name))
+            setattr(module, name, quiet)
+        return lm_eval.simple_evaluate(**kwargs)
 
 
 @functools.lru_cache(maxsize=1)
@@ -178,7 +197,6 @@ def _examples(samples: list[dict[str, Any]], metric: str) -> list[dict[str, Any]
 
 def score(name: str, bench: dict[str, Any], ctx: Any) -> dict[str, Any]:
     """lm-eval's score (in %) of ``bench['task']`` on ``ctx.model``; n = documents scored."""
-    import lm_eval
     from lm_eval.tasks import TaskManager
 
     task = bench.get("task")
@@ -202,7 +220,7 @@ def score(name: str, bench: dict[str, Any], ctx: Any) -> dict[str, Any]:
         seed = ctx.eval_cfg["seed"]
         lm = _explicit_bos_lm(ctx.model, ctx.tokenizer, ctx.eval_cfg["batch_size"], ctx.add_bos)
         try:
-            out = lm_eval.simple_evaluate(
+            out = simple_evaluate(
                 model=lm, tasks=[spec], num_fewshot=bench.get("num_fewshot", 0), limit=limit, task_manager=manager,
                 log_samples=True, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                 fewshot_random_seed=seed, bootstrap_iters=1000)  # stderr of mean metrics is closed-form anyway

@@ -51,13 +51,14 @@ def mean_and_stderr(items: list[float]) -> tuple[float, float | None]:
 def _evaluate(lm: Any, spec: str, folder: Path, seed: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """lm-eval's ``simple_evaluate`` of the generated task ``spec`` in ``folder``: (results dict, samples in
     document order)."""
-    import lm_eval
     from lm_eval.tasks import TaskManager
 
-    out = lm_eval.simple_evaluate(model=lm, tasks=[spec], num_fewshot=0, limit=None, log_samples=True,
-                                  task_manager=TaskManager(include_path=str(folder), include_defaults=False),
-                                  random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                  fewshot_random_seed=seed, bootstrap_iters=0)
+    from lnull.evaluate.harness import simple_evaluate
+
+    out = simple_evaluate(model=lm, tasks=[spec], num_fewshot=0, limit=None, log_samples=True,
+                          task_manager=TaskManager(include_path=str(folder), include_defaults=False),
+                          random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                          fewshot_random_seed=seed, bootstrap_iters=0)
     key = next(iter(out["results"]))
     return out, sorted(out["samples"][key], key=lambda s: s["doc_id"])
 
