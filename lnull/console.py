@@ -138,6 +138,13 @@ def adopt_library_loggers() -> None:
         logger.propagate = False
 
 
+def open_stage_log() -> Optional[Path]:
+    """The stage log library chatter goes to now (None: the console is not quiet, or no stage log is open)."""
+    if _HANDLER is None or not _HANDLER.streams:
+        return None
+    return Path(_HANDLER.streams[-1].name)
+
+
 @contextlib.contextmanager
 def stage_log(path: Path) -> Iterator[Optional[Path]]:
     """Library chatter of the block goes to ``path`` (appended; a nested block, e.g. a table running its rows,

@@ -10,6 +10,7 @@ at the newest one and ends with the same adapter as an uninterrupted run.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -92,15 +93,20 @@ def main(argv: list[str]) -> None:
     """Worker entry of ``accelerate launch``: ``python -m lnull.train <config.yaml> <out_dir> <init_dir>``."""
     import yaml
 
+    from lnull.console import quiet_libraries, stage_log
     from lnull.io import atomic_write_json, atomic_write_text
-    from lnull.training.launch import ERROR_FILE, SUMMARY_FILE
+    from lnull.training.launch import ERROR_FILE, STAGE_LOG_ENV, SUMMARY_FILE
     from lnull.training.loop import train_loop
 
     config_path, out_dir, init_dir = (Path(a) for a in argv)
     cfg = yaml.safe_load(config_path.read_text())
     rank0 = os.environ.get("RANK", "0") == "0"
+    log = os.environ.get(STAGE_LOG_ENV)
+    if log:  # the parent's console is quiet: so is this worker's (lnull.console)
+        quiet_libraries()
     try:
-        summary = train_loop(cfg, out_dir, init_dir)
+        with stage_log(Path(log)) if log else contextlib.nullcontext():
+            summary = train_loop(cfg, out_dir, init_dir)
     except ConfigError as exc:
         if rank0:
             atomic_write_text(config_path.parent / ERROR_FILE, str(exc))

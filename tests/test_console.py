@@ -59,3 +59,16 @@ def test_lnull_warnings_reach_the_console_and_library_warnings_only_the_log(tmp_
     assert "ours" in proc.stderr and "theirs" not in proc.stderr and "line" not in proc.stderr, proc.stderr
     log = (tmp_path / "x.log").read_text()
     assert all(text in log for text in ("ours", "theirs", "library line", "other line")), log
+
+
+def test_training_workers_send_their_library_chatter_to_the_train_log(tmp_path):
+    """A 2-process launch (``accelerate launch`` workers): the workers' warnings go to ``<run>/logs/train.log``
+    as the parent's do, and the console keeps lnull's progress bar."""
+    proc = lnull("run", "+experiment=tiny", "accelerate=cpu_ddp", "train.micro_batch_size=4", "train.max_steps=2",
+                 "eval.models=[base]", f"run.root={tmp_path}", check=True, cwd=tmp_path)
+    console = proc.stdout + proc.stderr
+    for chatter in ("FutureWarning", "[DeepSpeed]", "real_accelerator", "warnings.warn("):
+        assert chatter not in console, (chatter, console)
+    assert "train lora" in proc.stderr and "[train] done" in proc.stdout
+    (run,) = (p for p in (tmp_path / "tiny").iterdir())
+    assert "Setting accelerator to CPU" in (run / "logs" / "train.log").read_text()

@@ -2,10 +2,13 @@
 
 Hydra composes once, in the parent: the resolved config is written to ``<out>/launch/config.yaml`` and every
 worker reads that file (``python -m lnull.train <config> <out> <init>``), so all ranks agree on one run folder
-and one config; the Accelerate config of ``accelerate.launch`` goes to ``<out>/launch/accelerate.yaml``.
+and one config; the Accelerate config of ``accelerate.launch`` goes to ``<out>/launch/accelerate.yaml``. When the
+parent's console is quiet (the CLI), the workers' library chatter goes to the parent's stage log
+(``$LNULL_STAGE_LOG``, ``<run>/logs/train.log``), not to the terminal.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +21,7 @@ from lnull.config import accumulation_steps
 
 ERROR_FILE = "error.txt"
 SUMMARY_FILE = "summary.json"
+STAGE_LOG_ENV = "LNULL_STAGE_LOG"
 
 
 def accelerate_yaml(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -45,6 +49,7 @@ def _free_port() -> int:
 
 def launch(cfg: dict[str, Any], out_dir: Path, init_dir: Path) -> dict[str, Any]:
     """Run the training workers and return rank 0's summary; ConfigError with a worker's message if they fail."""
+    from lnull.console import open_stage_log
     from lnull.io import atomic_write_text, read_json
 
     folder = out_dir / "launch"
@@ -55,7 +60,11 @@ def launch(cfg: dict[str, Any], out_dir: Path, init_dir: Path) -> dict[str, Any]
     atomic_write_text(folder / "accelerate.yaml", yaml.safe_dump(accelerate_yaml(cfg), sort_keys=False))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(folder / "accelerate.yaml"),
            "-m", "lnull.train", str(folder / "config.yaml"), str(out_dir), str(init_dir)]
-    code = subprocess.run(cmd).returncode
+    env = dict(os.environ)
+    log = open_stage_log()
+    if log is not None:  # the workers send their library chatter where this process sends its own
+        env[STAGE_LOG_ENV] = str(log)
+    code = subprocess.run(cmd, env=env).returncode
     if (folder / ERROR_FILE).exists():
         raise ConfigError((folder / ERROR_FILE).read_text().strip())
     if code != 0 or not (folder / SUMMARY_FILE).exists():
