@@ -76,18 +76,13 @@ def bench(name: str, overrides: list[str], methods: list[str], repeat: int, tmp:
           ) -> dict:
     from lnull import calibrate, initialize
     from lnull.cli import compose
+    from lnull.testing import counting_head_calls
 
     base = ["+experiment=tiny", f"run.dir={tmp / 'run'}", "progress=false", *overrides]
     cfg = compose(base)
     head_calls = [0]
     load = calibrate.load_model
-
-    def counting_load(*args, **kwargs):
-        model = load(*args, **kwargs)
-        model.get_output_embeddings().register_forward_hook(lambda *_: head_calls.__setitem__(0, head_calls[0] + 1))
-        return model
-
-    calibrate.load_model = counting_load
+    calibrate.load_model = counting_head_calls(load, head_calls)
     seconds = []
     try:
         for i in range(repeat):

@@ -41,6 +41,7 @@ from lnull.methods.base import layer_generator
 from lnull.methods.corda import init_corda_kpm
 from lnull.methods.linalg import captured_energy
 from lnull.methods.lora import random_a
+from lnull.testing import peft_in_fp64
 from lnull.methods.lora_null import null_space
 from lnull.modeling import load_model, load_tokenizer, resolve_model, target_linears
 
@@ -113,19 +114,6 @@ def answer_nll(model, tokenizer, rows: list[dict], add_bos: bool) -> torch.Tenso
         logp = torch.log_softmax(model(input_ids=ids).logits[0, len(ctx) - 1:-1].double(), -1)
         out.append(-logp.gather(1, torch.tensor(ans)[:, None]).mean())
     return torch.stack(out)
-
-
-@contextlib.contextmanager
-def peft_in_fp64():
-    """PEFT's CorDA code in fp64: its ``.float()`` casts become ``.double()``, new tensors fp64."""
-    float_, default = torch.Tensor.float, torch.get_default_dtype()
-    torch.Tensor.float = lambda self, *a, **k: self.double()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.Tensor.float = float_
-        torch.set_default_dtype(default)
 
 
 def peft_corda(path: str, cfg: dict, windows: torch.Tensor, rank: int, fp64: bool):

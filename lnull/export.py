@@ -12,7 +12,7 @@ Writes ``<run>/export/``:
   against the trained model ``PeftModel(residual model, train/adapter)`` on a short probe text.
 
 Residual methods are those whose init moves weight out of the base: W_res = W0 - s B0 A0 != W0, i.e. B0 A0 != 0.
-:func:`is_residual` decides from the init adapter's weights (PiSSA, MiLoRA, CorDA and LoRA-Null move weight;
+:func:`lnull.residual.is_residual` decides from the init adapter's weights (PiSSA, MiLoRA, CorDA and LoRA-Null move weight;
 LoRA, LoRA-FA and OPLoRA start from B0 = 0), never from the name, so a new method is classified by what it
 does. For a residual method the trained update on the original base is s (B A - B0 A0) = s [B, -B0] [A; A0]: PEFT's PiSSA -> LoRA conversion
 (``save_pretrained(path_initial_model_for_weight_conversion=...)``), rank 2r with lora_alpha doubled so the
@@ -29,32 +29,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from lnull.io import atomic_write_json, read_json
 from lnull.methods import METHOD_FILE, attach, bake, needs_hooks
 from lnull.modeling import DTYPES, load_model, load_tokenizer, original_path, pick_device
-from lnull.residual import load_residual_model
+from lnull.residual import is_residual, load_residual_model
 from lnull.stages import StageContext
 
 PROBE = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
          "request.\n\n### Instruction:\nWhat is 12 + 30?\n\n### Response: 12 + 30 = 42. The answer is: 42")
 MAX_PROBE_TOKENS = 48
-
-
-def is_residual(init_adapter: Path) -> tuple[bool, float]:
-    """(B0 A0 != 0 for some module, max over modules of ||B0 A0||_F) from ``init/adapter`` weights.
-
-    ||B A||_F^2 = tr((B^T B)(A A^T)) uses only r x r products, so this is cheap even for 7B models."""
-    tensors = load_file(str(Path(init_adapter) / "adapter_model.safetensors"))
-    worst = 0.0
-    for key, A in tensors.items():
-        if ".lora_A." not in key:
-            continue
-        B = tensors[key.replace(".lora_A.", ".lora_B.")].double()
-        A = A.double()
-        worst = max(worst, float(torch.trace((B.T @ B) @ (A @ A.T)).clamp_min(0).sqrt()))
-    return worst > 0.0, worst
 
 
 @torch.no_grad()

@@ -47,6 +47,19 @@ def initial_factors(init_adapter: Path) -> tuple[dict[str, tuple[torch.Tensor, t
     return factors, scale
 
 
+def is_residual(init_adapter: Path) -> tuple[bool, float]:
+    """(the init moves weight: B0 A0 != 0 for some module, max over modules of ||B0 A0||_F, unscaled) from
+    ``init/adapter``'s weights, never from the method's name.
+
+    ||B A||_F^2 = tr((B^T B)(A A^T)) uses only r x r products, so this is cheap even for 7B models."""
+    factors, _ = initial_factors(init_adapter)
+    worst = 0.0
+    for A, B in factors.values():
+        A, B = A.double(), B.double()
+        worst = max(worst, float(torch.trace((B.T @ B) @ (A @ A.T)).clamp_min(0).sqrt()))
+    return worst > 0.0, worst
+
+
 @torch.no_grad()
 def subtract_initial_update(model: torch.nn.Module, init_adapter: Path,
                             device: Optional[str | torch.device] = None) -> int:

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from lnull import activations, calibrate
+from lnull.testing import counting_head_calls
 
 BUDGETS = {"one group": "null", "eight groups": "0.00004"}  # GiB; the tiny model's 8 unique inputs, one a group
 
@@ -20,15 +21,8 @@ def _calibrate(tiny_cfg, out: Path, budget: str, monkeypatch, full_forward: bool
     """Calibrate into ``out``; ``full_forward`` runs the forward to the logits on every pass (as before the
     stop: no head guard, no stop after the last group). Returns (out, LM head calls)."""
     calls = [0]
-    load = calibrate.load_model
-
-    def counting_load(*args, **kwargs):
-        model = load(*args, **kwargs)
-        model.get_output_embeddings().register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-        return model
-
     with monkeypatch.context() as patch:
-        patch.setattr(calibrate, "load_model", counting_load)
+        patch.setattr(calibrate, "load_model", counting_head_calls(calibrate.load_model, calls))
         if full_forward:
             collector = activations.GroupCollector
 

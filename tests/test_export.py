@@ -14,7 +14,8 @@ from conftest import lnull
 from lnull.cli import compose
 from lnull.config import ConfigError
 from lnull.cli import export_run
-from lnull.export import PROBE, is_residual
+from lnull.export import PROBE
+from lnull.residual import is_residual
 from lnull.modeling import resolve_model
 from lnull.pipeline import run_pipeline
 from lnull.residual import load_residual_model

@@ -28,6 +28,7 @@ from lnull.methods.corda import init_corda_ipm, init_corda_kpm
 from lnull.methods.linalg import RankDeficientWarning, captured_energy
 from lnull.methods.lora_null import init_lora_null, noise_floor, null_space
 from lnull.modeling import load_model, load_tokenizer, resolve_model
+from lnull.testing import peft_in_fp64
 from lnull.tiny import TINY_ID
 
 RANK_TINY = 4  # the tiny experiment's method.rank
@@ -150,19 +151,6 @@ def test_official_factors_are_cast_to_fp16(tiny_cfg, tmp_path):
 
 # ---------------------------------------------------------------- 2. CorDA = PEFT's CorDA
 
-@contextlib.contextmanager
-def _peft_in_fp64():
-    """Run PEFT's CorDA code in fp64: its ``.float()`` casts become ``.double()`` and new tensors are fp64."""
-    float_, default = torch.Tensor.float, torch.get_default_dtype()
-    torch.Tensor.float = lambda self, *a, **k: self.double()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.Tensor.float = float_
-        torch.set_default_dtype(default)
-
-
 @pytest.mark.parametrize("mode", ["kpm", "ipm"])
 def test_corda_is_peft_preprocess_corda_on_the_same_windows(mode, tiny_cfg, tmp_path):
     from peft import LoraConfig
@@ -181,7 +169,7 @@ def test_corda_is_peft_preprocess_corda_on_the_same_windows(mode, tiny_cfg, tmp_
     model = load_model(path).double()
     config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="corda",
                         corda_config=CordaConfig(corda_method=mode, prune_temporary_fields=False))
-    with _peft_in_fp64(), torch.no_grad():  # PEFT's hook wants one sample per forward
+    with peft_in_fp64(), torch.no_grad():  # PEFT's hook wants one sample per forward
         preprocess_corda(model, config, run_model=lambda: [model(input_ids=w[None]) for w in windows])
 
     init = init_corda_kpm if mode == "kpm" else init_corda_ipm

@@ -41,7 +41,7 @@ _VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 def model_and_adapter(ctx: Any) -> tuple[str, Optional[str], int]:
     """(plain model folder or hub name for vLLM, PEFT adapter folder or None, adapter rank or 0)."""
     from lnull.methods import needs_hooks
-    from lnull.residual import initial_factors, lora_on_original
+    from lnull.residual import is_residual, lora_on_original
 
     base, adapter = ctx.base_path, ctx.adapter_path
     if adapter is not None and needs_hooks(Path(adapter)):
@@ -49,7 +49,7 @@ def model_and_adapter(ctx: Any) -> tuple[str, Optional[str], int]:
                           "OPLoRA adapter); use eval.engine=hf")
     init = ctx.init_adapter_path
     if init is not None and str(init) not in _MOVES_WEIGHT:
-        _MOVES_WEIGHT[str(init)] = bool(initial_factors(Path(init))[0])
+        _MOVES_WEIGHT[str(init)] = is_residual(Path(init))[0]
     if adapter is not None and init is not None and _MOVES_WEIGHT[str(init)]:
         if Path(adapter).resolve() == Path(ctx.init_adapter_path).resolve():
             return base, None, 0  # W_res + s B0 A0 = W0: the initial model is the original
