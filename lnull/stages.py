@@ -8,7 +8,7 @@ read :data:`STAGES`. A stage's key is the hash of exactly what it reads: the con
   LoRA-Null v1/v2 and CorDA on one model, calibrate once;
 - init by (calibration key when the method reads a statistic, model, dtype, the method's own options);
 - train by (init key, task and its data, train recipe, launch), export by the train key;
-- evaluation per record (``lnull.evaluate``), by (scored model's key, benchmark settings, scorer version).
+- evaluation per record (``lnull.evaluate.stage``), by (scored model's key, benchmark settings, scorer version).
 
 Resource and logging knobs that do not change a result (``calibration.device_budget_gb``, ``train.log_every``,
 ``train.checkpoint_every``, ``train.wandb*``) are left out of the keys. Every stage runs as
@@ -182,12 +182,12 @@ STAGES: tuple[Stage, ...] = (
           key_inputs=_train_inputs, reads=lambda cfg: ("init",),
           check=_check_pending("train", "lnull.train:check_inputs"), check_first=True),
     Stage("evaluate", "eval", "score base / init / trained models on the eval benchmarks (one stored record each)",
-          "lnull.evaluate:run", stored=False,
+          "lnull.evaluate.stage:run", stored=False,
           key_inputs=lambda cfg: {"eval": cfg["eval"], "model": model_fingerprint_of(cfg), "dtype": cfg["model"]["dtype"],
                                   "add_bos": cfg["model"]["add_bos"]},
           reads=lambda cfg: tuple(s for s, which in (("init", ("init", "trained")), ("train", ("trained",)))
                                   if set(which) & set(cfg["eval"]["models"])),
-          check=_lazy("lnull.evaluate:check_inputs"), writes_records=_lazy("lnull.evaluate:records_used")),
+          check=_lazy("lnull.evaluate.stage:check_inputs"), writes_records=_lazy("lnull.evaluate.stage:records_used")),
     Stage("export", "export", "write a merged HF model and a LoRA adapter on the original model",
           "lnull.export:run", reads=lambda cfg: ("init", "train"), loads_model=_pending("export")),
     Stage("analyze", "analysis", "effective ranks, spectra, projection profile, Table 1, rho_k, relative change",

@@ -62,7 +62,7 @@ def tiny_cfg(tmp_path):
 @pytest.fixture
 def tiny_base_context(tiny_cfg, tmp_path):
     """``make(*overrides) -> (cfg, EvalContext)`` of the tiny base model, scratch folder ``tmp_path/work``."""
-    from lnull.evaluate import load_for_eval
+    from lnull.evaluate.stage import load_for_eval
     from lnull.evaluate.base import EvalContext
     from lnull.layout import RunLayout
 

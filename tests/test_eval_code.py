@@ -163,7 +163,7 @@ def test_bad_settings_are_config_errors(tmp_path):
 
 
 def test_score_runs_on_the_tiny_model(tiny_base_context, tmp_path):
-    from lnull.evaluate import score_one
+    from lnull.evaluate.stage import score_one
 
     data = _jsonl(tmp_path / "he.jsonl", PROBLEMS[:3])
     cfg, ctx = tiny_base_context("eval=code", "eval.limit=2", f"eval.benchmarks.humaneval.dataset={data}",

@@ -145,7 +145,7 @@ def test_score_rejects_bad_task_and_rows_without_gold(tmp_path):
 
 
 def test_score_runs_on_the_tiny_model(tiny_base_context, tmp_path):
-    from lnull.evaluate import score_one
+    from lnull.evaluate.stage import score_one
 
     data = tmp_path / "gsm.jsonl"
     data.write_text("".join(json.dumps({"question": f"Tom has {i} apples and buys 2. How many?",

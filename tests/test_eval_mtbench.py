@@ -294,7 +294,7 @@ def test_vllm_call_mapping(fake_vllm, tiny_cfg, tiny_model, tmp_path):
     cfg = tiny_cfg()
     cfg["eval"]["engine"], cfg["eval"]["seed"] = "vllm", 5
     tok = tiny_model[1]
-    from lnull.evaluate import model_source
+    from lnull.evaluate.stage import model_source
     from lnull.layout import RunLayout
 
     source = model_source(RunLayout(cfg), str(adapter))  # a run's adapter: on its residual model

@@ -26,7 +26,7 @@ def test_combined_eval_configs_merge():
     ({"kind": "qa_exact_match", "dataset": "/no/such.jsonl"}, "'/no/such.jsonl' not found"),
 ])
 def test_missing_data_or_task_fails_before_any_model_loads(bench, message, tiny_cfg, monkeypatch, tmp_path):
-    import lnull.evaluate as evaluate
+    import lnull.evaluate.stage as evaluate
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the inputs were checked")
@@ -43,7 +43,6 @@ def test_missing_data_or_task_fails_before_any_model_loads(bench, message, tiny_
 
 
 def test_killed_evaluation_resumes_at_the_first_unscored_benchmark(tiny_cfg, monkeypatch, tmp_path):
-    import lnull.evaluate as evaluate
     from lnull.evaluate import qa
 
     cfg = tiny_cfg("eval.models=[base]", "eval.limit=2")
@@ -72,7 +71,7 @@ def test_killed_evaluation_resumes_at_the_first_unscored_benchmark(tiny_cfg, mon
 def test_a_runs_adapter_folder_scores_as_the_trained_model(tiny_cfg):
     import torch
 
-    from lnull.evaluate import load_for_eval
+    from lnull.evaluate.stage import load_for_eval
     from lnull.modeling import original_path
 
     cfg = tiny_cfg("method=pissa", "train.lr=1e-2")
@@ -101,7 +100,7 @@ def test_run_checks_eval_data_before_the_first_stage(tmp_path):
 
 
 def test_weights_are_loaded_only_when_a_scorer_runs_the_model_here(tiny_cfg, tmp_path):
-    from lnull.evaluate import load_for_eval, needs_weights
+    from lnull.evaluate.stage import load_for_eval, needs_weights
 
     hf = {"engine": "hf", "code": {"backend": "builtin"}}
     vllm = {"engine": "vllm", "code": {"backend": "builtin"}}

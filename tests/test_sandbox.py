@@ -4,7 +4,6 @@ A program may only pass by returning normally; nothing it writes is unpickled; i
 its tmpfs, reach the network or other processes, outlive its run, or carry secrets into a record."""
 from __future__ import annotations
 
-import os
 import socket
 import time
 from pathlib import Path

@@ -178,7 +178,7 @@ def test_vllm_gets_its_memory_share_and_is_built_while_no_hf_copy_is_held(tmp_pa
     import gc
     import weakref
 
-    import lnull.evaluate as evaluate
+    import lnull.evaluate.stage as evaluate
     from lnull.cli import compose
     from lnull.pipeline import run_pipeline
 
@@ -225,7 +225,7 @@ def test_a_tokenizer_without_a_pad_token_trains_generates_and_scores(tmp_path):
     from transformers import AutoTokenizer
 
     from lnull.cli import compose
-    from lnull.evaluate import load_for_eval
+    from lnull.evaluate.stage import load_for_eval
     from lnull.evaluate.generate import generate
     from lnull.evaluate.harness import _explicit_bos_lm
     from lnull.layout import RunLayout
