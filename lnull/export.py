@@ -34,6 +34,7 @@ from lnull.io import atomic_write_json, read_json
 from lnull.methods import METHOD_FILE, attach, bake, needs_hooks
 from lnull.modeling import DTYPES, load_model, load_tokenizer, original_path, pick_device
 from lnull.residual import is_residual, load_residual_model
+from lnull.serving import vllm_report
 from lnull.stages import StageContext
 
 PROBE = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
@@ -123,7 +124,8 @@ def export_into(cfg: dict[str, Any], out_dir: Path, init_dir: Path, train_dir: P
         merged={"base": None, "max_abs_logit_diff": _diff(got_merged, ref)},
         lora_on_original={"base": original, "rank": saved["r"], "lora_alpha": saved["lora_alpha"],
                           "trained_rank": info["rank"], "converted_from_residual": residual,
-                          "max_abs_logit_diff": _diff(got_lora, ref)})
+                          "max_abs_logit_diff": _diff(got_lora, ref),
+                          "vllm": vllm_report(lora_dir)})  # max_lora_rank to serve it with, format problems
     return _finish(out_dir, report, ref)
 
 

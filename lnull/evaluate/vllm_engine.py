@@ -29,13 +29,12 @@ from typing import Any, Optional, Sequence
 from lnull.errors import ConfigError
 from lnull.evaluate.generate import cut_at_stop
 from lnull.modeling import release_accelerator_memory
+from lnull.serving import vllm_max_lora_rank
 
 _ENGINE: dict[str, Any] = {}  # {"key": (base, dtype, max_lora_rank), "llm": vllm.LLM}
 _LORA_IDS: dict[str, int] = {}  # adapter path -> vLLM's globally unique lora_int_id (1, 2, ...)
 _CONVERTED: dict[tuple[str, str], str] = {}  # (adapter, init adapter) -> its lora_on_original temp folder
 _MOVES_WEIGHT: dict[str, bool] = {}  # init adapter -> B0 != 0 somewhere (read once: GBs of factors at 7B)
-# vLLM accepts only these max_lora_rank values (vllm.config.LoRAConfig)
-_VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def model_and_adapter(ctx: Any) -> tuple[str, Optional[str], int]:
@@ -68,9 +67,7 @@ def model_and_adapter(ctx: Any) -> tuple[str, Optional[str], int]:
 def _llm(ctx: Any, base: str, lora_rank: int) -> Any:
     import vllm
 
-    max_lora_rank = next((r for r in _VLLM_LORA_RANKS if r >= lora_rank), None) if lora_rank else 0
-    if max_lora_rank is None:
-        raise ConfigError(f"LoRA rank {lora_rank} is above vLLM's largest max_lora_rank {_VLLM_LORA_RANKS[-1]}")
+    max_lora_rank = vllm_max_lora_rank(lora_rank) if lora_rank else 0  # the next value vLLM accepts
     key = (base, ctx.cfg["model"]["dtype"], max_lora_rank)
     if _ENGINE.get("key") != key:
         _ENGINE.clear()  # drop the previous engine before allocating the next one's KV cache
