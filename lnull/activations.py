@@ -56,7 +56,9 @@ STATS = ("covariance", "max_normalized_covariance")
 PACKED = ".triu"  # key suffix of a statistic stored as its packed upper triangle (pack_triu)
 MIRROR_BLOCK = 128  # tile side when unpack_triu mirrors the upper triangle into the lower one
 
-Windows = Union[torch.Tensor, list]  # [n, seqlen] token ids, or n 1-D tensors of varying length (official)
+# [n, seqlen] token ids; or a list of n 1-D tensors of varying length (official windows, one per forward), or of
+# 2-D [b, t] batches (lnull.api.collect_statistics)
+Windows = Union[torch.Tensor, list]
 
 
 class _StopForward(Exception):
@@ -79,9 +81,10 @@ def _stop_before_head(model: torch.nn.Module, linears: dict[str, torch.nn.Linear
 
 
 def batches_of(windows: Windows, batch_size: int) -> list[torch.Tensor]:
-    """Forward batches: a [n, seqlen] tensor in chunks of ``batch_size``, a list of windows one by one."""
+    """Forward batches: a [n, seqlen] tensor in chunks of ``batch_size``; a list one element a forward (a 1-D
+    window as a batch of one)."""
     if isinstance(windows, list):
-        return [w[None] for w in windows]
+        return [w if w.dim() == 2 else w[None] for w in windows]
     return [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
 
 
@@ -235,6 +238,36 @@ def collect_groups(model: torch.nn.Module, linears: dict[str, torch.nn.Linear], 
         del sums  # before the next group's pass: the host holds one group's sums at a time
 
 
+@torch.no_grad()
+def collect_from_runs(model: torch.nn.Module, linears: dict[str, torch.nn.Linear], alias: dict[str, str],
+                      run_model: Any) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, int]]:
+    """(sums, tokens, samples) as one group of :func:`collect_groups` yields, from the forwards ``run_model()``
+    makes itself (PEFT's ``preprocess_corda(run_model=...)`` protocol): every unique input hooked at once (no
+    device budget), no early stop. Each unpadded batch row is one sample. On CUDA the fp32 device sums are flushed
+    into fp64 host sums every :data:`FLUSH_EVERY` model forwards, as in :func:`collect_groups`."""
+    device = next(model.parameters()).device
+    acc = Accumulators(device)
+    collector = GroupCollector({n: linears[n] for n, a in alias.items() if n == a}, acc, None)
+    forwards = [0]
+
+    def count(_module, _args):
+        forwards[0] += 1
+        if forwards[0] % FLUSH_EVERY == 0:
+            acc.flush()
+
+    counter = model.register_forward_pre_hook(count)
+    try:
+        run_model()
+    finally:
+        counter.remove()
+        collector.remove()
+    if not collector.tokens:
+        raise ConfigError("run_model() ran no forward through the targeted modules: no statistics collected")
+    collector.check()
+    acc.flush()
+    return {f"{n}.{s}": t for (n, s), t in acc.host_sums.items()}, collector.tokens, collector.samples
+
+
 def packed_size(n: int) -> int:
     """Numbers in the packed upper triangle of an [n, n] matrix."""
     return n * (n + 1) // 2
@@ -341,6 +374,62 @@ class CalibrationStats:
                                       "this lnull; delete the calibration folder and run `lnull calibrate` again")
             self._last = (key, tensor)
         return self._last[1]
+
+    def side(self, module: str, statistic: str) -> int:
+        """d_in of the module's ``statistic``, read from the file header (no tensor is loaded)."""
+        key = f"{self.alias[module]}.{statistic}"
+        path = self._file(key)
+        with safe_open(str(path), framework="pt") as fh:
+            if key + PACKED in fh.keys():
+                return triu_side(fh.get_slice(key + PACKED).get_shape()[0])
+            if key in fh.keys():
+                return fh.get_slice(key).get_shape()[0]
+        raise ConfigError(f"{path} has no '{key}{PACKED}' (nor '{key}'): delete the calibration folder and run "
+                          "`lnull calibrate` again")
+
+
+class StatisticsInMemory:
+    """What :class:`StatisticsWriter` writes, kept in memory (``write`` / ``close``), read back as
+    :class:`CalibrationStats` reads a folder (``alias``, ``official``, ``get``, ``side``): the statistics of
+    ``lnull.api.collect_statistics``. Memory: the packed fp32 triangles, n (n + 1) / 2 x 4 bytes per unique input
+    and statistic (LLaMA-2-7B: 20.4 GiB for both)."""
+
+    def __init__(self, alias: dict[str, str], official: bool = False):
+        self.alias, self.official = alias, official
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.written = 0
+        self._last: tuple[str, torch.Tensor] | None = None
+
+    def write(self, tensors: dict[str, torch.Tensor], groups: int) -> None:
+        self.written += 1
+        self.tensors.update(tensors)
+
+    def close(self) -> None:
+        pass
+
+    def get(self, module: str, statistic: str) -> torch.Tensor:
+        key = f"{self.alias[module]}.{statistic}"
+        if self._last is None or self._last[0] != key:
+            self._last = None
+            self._last = (key, unpack_triu(self.tensors[key + PACKED]))
+        return self._last[1]
+
+    def side(self, module: str, statistic: str) -> int:
+        return triu_side(self.tensors[f"{self.alias[module]}.{statistic}{PACKED}"].numel())
+
+
+def check_statistics(stats: Any, linears: dict[str, torch.nn.Linear], statistic: str) -> None:
+    """Before any decomposition: every targeted module has ``statistic`` in ``stats`` and it is [d_in, d_in] of the
+    module's input (one ConfigError line naming the first module that does not: statistics of another model, or
+    of other target modules). Reads shapes only."""
+    for name, lin in linears.items():
+        if name not in stats.alias:
+            raise ConfigError(f"the statistics have no entry for module {name}: collected on another model or "
+                              "other target modules")
+        side = stats.side(name, statistic)
+        if side != lin.in_features:
+            raise ConfigError(f"the statistics of module {name} are {side} x {side} but its input has "
+                              f"{lin.in_features} features: statistics of another model")
 
 
 def has_statistics(calibration_dir: Optional[Path]) -> bool:

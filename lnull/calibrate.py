@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from lnull.activations import PACKED, StatisticsWriter, collect_groups, default_budget_gb, pack_triu, probe_aliases
+from lnull.activations import (PACKED, StatisticsWriter, Windows, collect_groups, default_budget_gb, pack_triu,
+                               probe_aliases)
 from lnull.data.sources import hub_reachable, load_records, require_fields
 from lnull.errors import ConfigError
 from lnull.io import atomic_write_json
@@ -106,6 +107,24 @@ def statistics(sums: dict[str, torch.Tensor], tokens: dict[str, int], samples: d
     return tensors
 
 
+def collect_statistics(model: torch.nn.Module, linears: dict[str, torch.nn.Linear], windows: Windows,
+                       batch_size: int, official: bool, budget_gb: float | None, progress: bool, sink: Any
+                       ) -> dict[str, str]:
+    """Collect both statistics of every targeted module on ``windows`` (``lnull.activations.Windows``) into
+    ``sink`` (a :class:`lnull.activations.StatisticsWriter` or ``StatisticsInMemory``: ``write(tensors, groups)``
+    per module group, then ``close()``), in groups fitting ``budget_gb`` on the model's device; returns the
+    alias map {module: module whose input it shares}. The one implementation behind ``lnull calibrate`` and
+    ``lnull.api.collect_statistics``."""
+    first = windows[0] if isinstance(windows, list) else windows[:1]
+    alias = probe_aliases(model, linears, (first if first.dim() == 2 else first[None])[:1, :16])
+    for groups, sums, tokens, samples in collect_groups(model, linears, windows, batch_size, alias, budget_gb,
+                                                         progress):
+        sink.write(statistics(sums, tokens, samples, official), groups)
+        del sums  # the next group's sums replace this one's on the host
+    sink.close()
+    return alias
+
+
 def run(cfg: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
     """Stage entry: :func:`collect_into` ``ctx.out``."""
     return collect_into(cfg, ctx.out)
@@ -126,13 +145,9 @@ def collect_into(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     model = load_model(path, cal["dtype"], device)
     linears = target_linears(model, mcfg["target_modules"])
     budget = default_budget_gb(device, cal["device_budget_gb"])
-    alias = probe_aliases(model, linears, windows[0][None, :16] if isinstance(windows, list) else windows[:1, :16])
     writer = StatisticsWriter(out_dir)
-    for groups, sums, tokens, samples in collect_groups(model, linears, windows, cal["batch_size"], alias, budget,
-                                                         cfg["progress"]):
-        writer.write(statistics(sums, tokens, samples, cal["official"]), groups)
-        del sums  # the next group's sums replace this one's on the host
-    writer.close()
+    alias = collect_statistics(model, linears, windows, cal["batch_size"], cal["official"], budget, cfg["progress"],
+                               writer)
     tokens = sum(len(w) for w in windows)
     unique = sum(1 for n, a in alias.items() if n == a)
     meta = {"dataset": cal["dataset"], "source": source, "field": cal["field"], "records": len(records),

@@ -63,10 +63,18 @@ def is_residual(init_adapter: Path) -> tuple[bool, float]:
 @torch.no_grad()
 def subtract_initial_update(model: torch.nn.Module, init_adapter: Path,
                             device: Optional[str | torch.device] = None) -> int:
-    """Turn the original ``model`` into the init's residual model in place: each targeted weight becomes
-    ``(W0.float() - s B0.float() @ A0.float()).to(W0.dtype)``, computed on ``device`` (default: the weight's).
-    Returns the number of modules changed."""
+    """Turn the original ``model`` into the init's residual model in place (:func:`subtract_factors` of the
+    init adapter's factors). Returns the number of modules changed."""
     factors, scale = initial_factors(init_adapter)
+    return subtract_factors(model, factors, scale, device)
+
+
+@torch.no_grad()
+def subtract_factors(model: torch.nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], scale: float,
+                     device: Optional[str | torch.device] = None) -> int:
+    """Each module ``name`` of ``factors`` ({name: (A [r, d_in], B [d_out, r])}) gets the weight
+    ``(W0.float() - scale B.float() @ A.float()).to(W0.dtype)``, computed on ``device`` (default: the weight's).
+    Returns the number of modules changed."""
     for name, (A, B) in factors.items():
         weight = model.get_submodule(name).weight
         at = torch.device(device) if device is not None else weight.device
@@ -96,9 +104,21 @@ def lora_on_original(adapter: Path, init_adapter: Path, out_dir: Path, original:
     ``path_initial_model_for_weight_conversion``. Modules with B0 = 0 get A0 = 0 too (their update is s B A).
     Returns ``out_dir``."""
     adapter, out_dir = Path(adapter), Path(out_dir)
-    init = load_file(str(Path(init_adapter) / ADAPTER_WEIGHTS))
-    trained = load_file(str(adapter / ADAPTER_WEIGHTS))
-    config = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    converted = on_original_tensors(load_file(str(adapter / ADAPTER_WEIGHTS)),
+                                    load_file(str(Path(init_adapter) / ADAPTER_WEIGHTS)))
+    config = on_original_config(json.loads((adapter / ADAPTER_CONFIG).read_text()), original)
+
+    def write(folder: Path) -> None:
+        save_file(converted, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+
+    return atomic_write_dir(out_dir, write)
+
+
+def on_original_tensors(trained: dict[str, torch.Tensor], init: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The rank-2r tensors of :func:`lora_on_original` from a trained adapter's and its init's state dicts (PEFT
+    key names, ``...lora_A.weight`` [r, d_in], ``...lora_B.weight`` [d_out, r]): ``A' = [A; A0]`` [2r, d_in],
+    ``B' = [B, -B0]`` [d_out, 2r]."""
     converted = {}
     for key, A in trained.items():
         if ".lora_A." not in key:
@@ -107,13 +127,13 @@ def lora_on_original(adapter: Path, init_adapter: Path, out_dir: Path, original:
         A0, B0 = init[key].to(A.dtype), init[b_key].to(A.dtype)
         converted[key] = torch.cat([A, A0], 0).contiguous()
         converted[b_key] = torch.cat([trained[b_key], -B0.to(trained[b_key].dtype)], 1).contiguous()
-    config.update(r=2 * config["r"], lora_alpha=2 * config["lora_alpha"], base_model_name_or_path=original,
-                  init_lora_weights=True,
-                  rank_pattern={k: 2 * v for k, v in (config.get("rank_pattern") or {}).items()},
-                  alpha_pattern={k: 2 * v for k, v in (config.get("alpha_pattern") or {}).items()})
+    return converted
 
-    def write(folder: Path) -> None:
-        save_file(converted, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
 
-    return atomic_write_dir(out_dir, write)
+def on_original_config(config: dict[str, Any], original: str) -> dict[str, Any]:
+    """The adapter_config.json of :func:`lora_on_original`: rank and alpha doubled (s unchanged), the base the
+    original model."""
+    return {**config, "r": 2 * config["r"], "lora_alpha": 2 * config["lora_alpha"],
+            "base_model_name_or_path": original, "init_lora_weights": True,
+            "rank_pattern": {k: 2 * v for k, v in (config.get("rank_pattern") or {}).items()},
+            "alpha_pattern": {k: 2 * v for k, v in (config.get("alpha_pattern") or {}).items()}}
