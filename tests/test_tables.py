@@ -107,22 +107,44 @@ def test_rows_of_a_calibration_sweep_stay_distinct(tmp_path):
     assert [r.x for r in rows[1:4]] == [64, 256, 1024]
 
 
-def _rows_with(values: dict[str, float]) -> list[paper.Row]:
+def _rows_with(values: dict[str, float], stderr: dict[str, float] | None = None) -> list[paper.Row]:
     rows = []
     for label, v in values.items():
         row = paper.Row(label, "base" if label == "pre" else "m", {}, "m")
-        row.cells["x"] = paper.Cell(v)
+        row.cells["x"] = paper.Cell(v, (stderr or {}).get(label))
         rows.append(row)
     return rows
 
 
 def test_best_is_bold_and_runner_up_underlined_among_methods_only():
-    rows = _rows_with({"pre": 9.0, "a": 3.0, "b": 5.0, "c": 5.0, "d": 4.0, "e": None})
-    assert render.ranks(rows, "x") == {2: 1, 3: 1, 4: 2}  # ties share the place; the pre-trained row never ranks
+    rows = _rows_with({"pre": 9.0, "a": 3.0, "b": 5.0, "c": 4.5, "d": 4.0, "e": None})
+    assert render.ranks(rows, "x") == {2: 1, 3: 2}  # the pre-trained row never ranks
     md = render.markdown("t", rows, ["x"])
-    assert "| b | - | **5.00** |" in md and "| d | - | <u>4.00</u> |" in md and "| pre | - | 9.00 |" in md
+    assert "| b | - | **5.00** |" in md and "| c | - | <u>4.50</u> |" in md and "| pre | - | 9.00 |" in md
+    assert render.MARKS_NOTE in md and "| e | - | — |" in md
     tex = render.latex("t", rows, ["x"])
-    assert r"\textbf{5.00}" in tex and r"\underline{4.00}" in tex and "| e | - | — |" in md
+    assert r"\textbf{5.00}" in tex and r"\underline{4.50}" in tex
+    assert render.ranks(rows, "x", lower_is_better=True) == {1: 1, 4: 2}
+
+
+def test_ties_and_differences_within_one_standard_error_get_no_mark():
+    tied = _rows_with({"pre": 9.0, "a": 3.0, "b": 5.0, "c": 5.0, "d": 4.0})
+    assert render.ranks(tied, "x") == {}  # a shared best is no best, and no runner-up below it
+    md = render.markdown("t", tied, ["x"])
+    assert "**" not in md.split(render.MARKS_NOTE)[0].replace("**bold**", "") and "<u>5" not in md
+    zeros = _rows_with({"pre": 0.0, "a": 0.0, "b": 0.0})
+    assert render.ranks(zeros, "x") == {}
+    # 5.0 vs 4.5 with standard errors 0.4 and 0.3: 0.5 apart, within sqrt(0.4² + 0.3²) = 0.5 -> no best
+    close = _rows_with({"a": 5.0, "b": 4.5, "c": 1.0}, {"a": 0.4, "b": 0.3, "c": 0.1})
+    assert render.ranks(close, "x") == {}
+    # a clear best, then a runner-up within the noise of the third: bold only
+    runner = _rows_with({"a": 9.0, "b": 4.5, "c": 4.0}, {"a": 0.1, "b": 0.4, "c": 0.4})
+    assert render.ranks(runner, "x") == {0: 1}
+    # 1 of 4 (25.00 ± 21.65) against two 0 of 4: 25 apart, more than the difference's 21.65: bold; the tie at 0
+    # below it gets no underline
+    mbpp = _rows_with({"a": 25.0, "b": 0.0, "c": 0.0}, {"a": 21.65, "b": 0.0, "c": 0.0})
+    assert render.ranks(mbpp, "x") == {0: 1}
+    assert render.ranks(_rows_with({"a": 25.0, "b": 5.0}, {"a": 21.65, "b": 0.0}), "x") == {}
 
 
 def test_latex_is_balanced_and_escaped():

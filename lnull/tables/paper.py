@@ -84,7 +84,7 @@ def fill(rows: list[Row], tcfg: dict[str, Any]) -> None:
             elif rec["value"] is None:
                 row.cells[bench] = Cell(None, missing="not scored")
             else:
-                row.cells[bench] = Cell(rec["value"], rec.get("stderr"))
+                row.cells[bench] = Cell(rec["value"], rec.get("stderr"), items=(rec.get("details") or {}).get("items"))
             if rec and rec.get("method") and rec["method"].get("trainable_params"):
                 row.params = rec["method"]["trainable_params"]
     base = {k: rows[0].cells[k].value for k in tcfg["knowledge"]}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from typing import Any, Callable, Optional
 
 from lnull.tables.rows import CITED, Cell, Row
@@ -32,16 +33,38 @@ def params_text(n: Optional[int]) -> str:
     return f"{round(n / 1e6):,}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
 
+MARKS_NOTE = ("Best **bold**, runner-up <u>underlined</u>: only a row alone in its place and ahead of the next "
+              "row by more than one standard error of their difference (paired over the same items where the records "
+              "keep them); ties and closer differences are unmarked.")
+
+
+def _apart(a: Cell, b: Cell) -> bool:
+    """``a`` and ``b`` differ by more than one standard error of their difference: paired over the same items
+    when both cells carry per-item values of one length (the same questions scored for every row), else
+    sqrt(se_a² + se_b²) (a cell without a standard error counts 0)."""
+    if a.items is not None and b.items is not None and len(a.items) == len(b.items) > 1:
+        diffs = [x - y for x, y in zip(a.items, b.items)]
+        mean = sum(diffs) / len(diffs)
+        se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+    else:
+        se = math.hypot(a.stderr or 0.0, b.stderr or 0.0)
+    return abs(a.value - b.value) > se
+
+
 def ranks(rows: list[Row], column: str, lower_is_better: bool = False) -> dict[int, int]:
     """{row index: 1 (best) or 2 (runner-up)} among method rows (not the pre-trained one, not a cited one: its
-    number is the paper's, at the paper's scale); higher is better unless ``lower_is_better``, ties share a place."""
-    values = sorted({r.cells[column].value for r in rows if not r.is_base and not r.is_cited
-                     and r.cells[column].value is not None}, reverse=not lower_is_better)
+    number is the paper's, at the paper's scale); higher is better unless ``lower_is_better``. A place is marked
+    only when one row holds it alone and is ahead of the next row by more than one standard error of the
+    difference (:func:`_apart`), the runner-up only below a marked best: a tie or a difference within the noise
+    gets no mark."""
+    ranked = sorted(((i, r.cells[column]) for i, r in enumerate(rows)
+                     if not r.is_base and not r.is_cited and r.cells[column].value is not None),
+                    key=lambda item: item[1].value, reverse=not lower_is_better)
     place = {}
-    for i, row in enumerate(rows):
-        v = row.cells[column].value
-        if not row.is_base and not row.is_cited and v is not None and v in values[:2]:
-            place[i] = values.index(v) + 1
+    for rank in (1, 2):
+        if len(ranked) <= rank or not _apart(ranked[rank - 1][1], ranked[rank][1]):
+            break
+        place[ranked[rank - 1][0]] = rank
     return place
 
 
@@ -70,9 +93,9 @@ def footnotes(rows: list[Row]) -> list[str]:
 def markdown(title: str, rows: list[Row], cols: list[str], lower: frozenset[str] | set[str] = frozenset(),
              labels: Optional[dict[str, str]] = None, number: Optional[Callable[[str, Cell], str]] = None,
              note: str = "") -> str:
-    """The reproduced table: value ± standard error, best **bold**, runner-up <u>underlined</u> (``lower``:
-    columns where lower is better); ``number(column, cell)`` formats a cell (default: 2 decimals); ``note`` goes
-    between the table and the footnotes."""
+    """The reproduced table: value ± standard error, best **bold**, runner-up <u>underlined</u> where
+    :func:`ranks` marks them (``lower``: columns where lower is better); ``number(column, cell)`` formats a cell
+    (default: 2 decimals); ``note`` and :data:`MARKS_NOTE` go between the table and the footnotes."""
     marks = {c: ranks(rows, c, lower_is_better=c in lower) for c in cols}
     names = labels or LABELS
     lines = [f"### {title}", "", "| Method | #Params | " + " | ".join(names.get(c, c) for c in cols) + " |",
@@ -84,7 +107,7 @@ def markdown(title: str, rows: list[Row], cols: list[str], lower: frozenset[str]
             place = marks[c].get(i)
             cells.append(f"**{text}**" if place == 1 else f"<u>{text}</u>" if place == 2 else text)
         lines.append(f"| {row_label(row)} | {params_text(row.params)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + [""] + ([note] if note else []) + footnotes(rows)) + "\n"
+    return "\n".join(lines + [""] + ([note] if note else []) + [MARKS_NOTE] + footnotes(rows)) + "\n"
 
 
 def comparison_markdown(rows: list[Row], cols: list[str], reported: list[Optional[ReportedRow]]) -> str:

@@ -138,8 +138,8 @@ def _aggregate(fits: list[Fit], benches: list[str]) -> tuple[dict[str, Cell], di
             continue
         values = [r["value"] for r in recs]
         spread = statistics.stdev(values) if len(values) > 1 else recs[0].get("stderr")
-        cells[b] = Cell(statistics.fmean(values), spread)
         items[b] = _mean_items(recs)
+        cells[b] = Cell(statistics.fmean(values), spread, items=items[b])
         params = params or next((r["method"]["trainable_params"] for r in recs if r.get("method")), None)
     return cells, items, params
 
@@ -365,8 +365,7 @@ def build(cfg: dict[str, Any], out: Path, log: Callable[[str], None]) -> dict[st
         else "standard error"
     note = (f"NLL columns: per answer token (knowledge) or text token (general), nats, lower is better; Kept %: gold-"
             f"answer probability per token as % of the pre-trained model's; Task EM %: held-out examples that greedy "
-            f"decoding answers exactly; GM = sqrt(Kept % x Task EM %). ± {spread}. Best **bold**, runner-up "
-            f"<u>underlined</u>.")
+            f"decoding answers exactly; GM = sqrt(Kept % x Task EM %). ± {spread}.")
     md = markdown(tcfg["title"] or tcfg["name"], rows, cols, lower=lower, labels=LABELS,
                   number=lambda c, cell: _cell_text(cell, _digits(c)), note=note)
     md += "\n" + changes_markdown(change_rows, change_cols)

@@ -23,6 +23,7 @@ class Cell:
     value: Optional[float]
     stderr: Optional[float] = None
     missing: Optional[str] = None  # "not run" (no record in the store) | "not scored" (e.g. no MT-Bench judge)
+    items: Optional[list[float]] = None  # per-item values in the record's item order (paired comparisons)
 
 
 @dataclass
