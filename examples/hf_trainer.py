@@ -40,7 +40,7 @@ def main() -> None:
 
     path = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
     # 1. Statistics of the pre-trained knowledge: each targeted layer's input covariance on calibration text.
     questions = [r["question"] for r in load_records("asset:nq_open/dev")]
