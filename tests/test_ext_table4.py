@@ -79,8 +79,10 @@ def test_ext_4_builds_at_demo_scale_from_fixture_records_with_roselora_cited(tmp
         layout = RunLayout(row.cfg)
         keys = expected_records(layout, "base" if row.is_base else "trained")
         which = "base" if row.is_base else "trained"
+        # at demo scale the rows also score the likelihood columns (knowledge NLL, held-out task)
         for bench, value in (("triviaqa", PRINTED["base" if row.is_base else row.label]), ("nq_open", 10.0),
-                             ("webqs", 5.0)):
+                             ("webqs", 5.0), ("triviaqa_nll", 5.0), ("nq_open_nll", 5.0), ("webqs_nll", 5.0),
+                             ("task_heldout", 10.0)):
             layout.store.write_record(keys[bench], _record(keys[bench], which, bench, value,
                                                            None if row.is_base else row.method))
     said = []

@@ -264,7 +264,8 @@ def test_one_table_end_to_end_at_demo_scale_on_the_tiny_model(tmp_path):
     assert time.perf_counter() - start < 600
     md = (tmp_path / "tables" / "aaai_3a.md").read_text()
     body = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| Method")]
-    assert len(body) == 6 + 6 and "not run yet" not in md  # 6 rows in each of the two tables
+    # 6 rows in the papers' columns and in the likelihood columns, 5 paired changes (demo scale: no "ours / paper")
+    assert len(body) == 6 + 6 + 5 and "not run yet" not in md and "Direction" in md
     assert (tmp_path / "tables" / "aaai_3a.tex").exists() and (tmp_path / "tables" / "aaai_3a.csv").exists()
     again = lnull(*args, check=True)  # everything stored: nothing recomputed
     assert "] done in" not in "".join(l for l in again.stdout.splitlines() if not l.startswith("[table]"))

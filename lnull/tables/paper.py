@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from lnull.errors import ConfigError
+from lnull.tables import likelihood, provenance
 from lnull.tables.base import TableKind, register
 from lnull.tables.derived import derive
+from lnull.tables.retention import changes_markdown
 from lnull.tables.rows import CITED, Cell, Row, check_columns, row_overrides, run_configs, stored_records, write_files
 
 __all__ = ["CITED", "Cell", "Row", "row_overrides", "compose_rows", "columns", "check_benchmarks", "fill", "status",
@@ -79,6 +81,7 @@ def fill(rows: list[Row], tcfg: dict[str, Any]) -> None:
             fill_cited(row, raw, tcfg)
             continue
         for bench, rec in stored_records(row.cfg, "base" if row.is_base else "trained", raw).items():
+            row.records[bench] = rec
             if rec is None:
                 row.cells[bench] = Cell(None, missing="not run")
             elif rec["value"] is None:
@@ -147,15 +150,39 @@ def build(cfg: dict[str, Any], out: Path, log: Callable[[str], None] = print) ->
     cols = columns(tcfg)
     printed = load(Path(tcfg["reported_dir"])).get(tcfg["reported"], []) if tcfg["reported"] else []
     reported = [find(printed, row.reported_as, row.paper_rank, row.paper_calib) if printed else None for row in rows]
-    title = tcfg["title"] or tcfg["name"]
-    md = render.markdown(title, rows, cols)
-    if printed:
-        md += "\n" + render.comparison_markdown(rows, cols, reported)
     scale = cfg["scale"]["name"]
+    paper_setting = scale == "paper" and not tcfg["overrides"]
+    nll, learning = ([], None) if paper_setting else likelihood.columns(tcfg, rows)
+    extra = nll + (["avg_nll", "kept"] if nll else []) + ([learning] if learning else [])
+    if extra:
+        likelihood.fill(rows, nll, learning)
+    facts = provenance.ran(rows)
+    title = provenance.title(tcfg, scale, paper_setting, facts)
+    zero = likelihood.folded(rows, cols)
+    shown = [c for c in cols if c not in zero]
+    notes = [provenance.line(facts, render.LABELS)]
+    if zero:
+        zeros = [render.label(c) for c in zero if any(r.cells[c].value == 0 for r in rows)]
+        none = [render.label(c) for c in zero if render.label(c) not in zeros]
+        notes.append(f"Not shown, a column of zeros ranks nothing: every row scores exactly 0 on {', '.join(zeros)}"
+                     + (f"; {', '.join(none)} is not computable (over a pre-trained score of 0)" if none else "")
+                     + ".")
     if scale != "paper":
-        md += f"\nScale: {scale} (`+scale={scale}`): not the papers' setting; see configs/scale/.\n"
-    paths = write_files(out, tcfg["name"], {"md": md, "tex": render.latex(title, rows, cols),
-                                            "csv": render.csv_text(rows, cols, reported)})
+        notes.append(f"Scale: {scale} (`+scale={scale}`): not the papers' setting; see configs/scale/.")
+    md = render.markdown(title, rows, shown, note="\n".join(notes))
+    if extra:
+        lower = set(nll) | {"avg_nll"}
+        md += "\n" + render.markdown(f"Likelihood columns ({scale} scale): answer NLL per token (nats, lower is "
+                                     "better), Kept %, held-out task exact match", rows, extra, lower=lower,
+                                     labels={**render.LABELS, **likelihood.LABELS}, number=likelihood.number)
+        md += "\n" + changes_markdown(likelihood.changes(rows, nll), nll + ["avg_nll"])
+    if printed and paper_setting:
+        md += "\n" + render.comparison_markdown(rows, cols, reported)
+    elif printed:
+        said = likelihood.direction(rows, reported)
+        md += "\n" + (said or "Direction: fewer than two methods with both the paper's Avg1 and our Kept %.") + "\n"
+    paths = write_files(out, tcfg["name"], {"md": md, "tex": render.latex(title, rows, shown),
+                                            "csv": render.csv_text(rows, cols + extra, reported)})
     if tcfg["sweep"]:
         from lnull.tables.figures import sweep_figure
 

@@ -79,8 +79,10 @@ def row_label(row: Row, mark: str = CITED_MARK) -> str:
     return f"{row.label} ({CITED}){mark}" if row.is_cited else row.label
 
 
-def footnotes(rows: list[Row]) -> list[str]:
-    reasons = sorted({c.missing for r in rows for c in r.cells.values() if c.missing})
+def footnotes(rows: list[Row], cols: Optional[list[str]] = None) -> list[str]:
+    """The footnotes of the cells shown (``cols``; default every cell): why a cell is missing, where a cited
+    row's numbers come from."""
+    reasons = sorted({c.missing for r in rows for k, c in r.cells.items() if c.missing and (cols is None or k in cols)})
     text = {"not run": "not run yet (no record in the store: `lnull table ... table.run_missing=true`)",
             "not scored": "not scored (the scorer recorded no value, e.g. MT-Bench without a judge)",
             "not computable": "not computable (an input is missing, or a pre-trained score is 0)",
@@ -107,7 +109,7 @@ def markdown(title: str, rows: list[Row], cols: list[str], lower: frozenset[str]
             place = marks[c].get(i)
             cells.append(f"**{text}**" if place == 1 else f"<u>{text}</u>" if place == 2 else text)
         lines.append(f"| {row_label(row)} | {params_text(row.params)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + [""] + ([note] if note else []) + [MARKS_NOTE] + footnotes(rows)) + "\n"
+    return "\n".join(lines + [""] + ([note] if note else []) + [MARKS_NOTE] + footnotes(rows, cols)) + "\n"
 
 
 def comparison_markdown(rows: list[Row], cols: list[str], reported: list[Optional[ReportedRow]]) -> str:
@@ -153,7 +155,7 @@ def latex(title: str, rows: list[Row], cols: list[str], lower: frozenset[str] | 
         if row.is_base:
             out.append(r"\midrule")
     notes = [r"\dag{} " + latex_escape(n[len(CITED_MARK):].lstrip()) if n.startswith(CITED_MARK) else latex_escape(n)
-             for n in footnotes(rows)]
+             for n in footnotes(rows, cols)]
     out += [r"\bottomrule", r"\end{tabular}"] + [f"% {n}" for n in notes]
     return "\n".join(out) + "\n"
 

@@ -39,6 +39,7 @@ class Row:
     params: Optional[int] = None  # trainable parameters, measured by training
     cited: Optional[str] = None  # a cited row: where its numbers come from (never run, never looked up)
     cited_values: dict[str, float] = field(default_factory=dict)
+    records: dict[str, Optional[dict[str, Any]]] = field(default_factory=dict)  # benchmark -> stored record read
 
     @property
     def is_base(self) -> bool:
