@@ -112,3 +112,16 @@ def test_weights_are_loaded_only_when_a_scorer_runs_the_model_here(tiny_cfg, tmp
     model, tokenizer, source = load_for_eval(cfg, RunLayout(cfg), "base", "cpu", weights=False)
     weights_from = source.weights_from
     assert model is None and tokenizer is not None and weights_from.endswith("tiny-llama")
+
+
+def test_likelihood_batches_are_capped_by_the_vocabulary():
+    """A large vocabulary's fp32 logits and log-softmax stay under the budget (Gemma-3: 262,144 -> batch 8 of
+    the demo's 32); SmolLM2 (49,152) keeps 32; a model without an output head keeps eval.batch_size."""
+    from lnull.evaluate.base import logits_batch
+
+    def model(vocab):
+        return SimpleNamespace(get_output_embeddings=lambda: SimpleNamespace(out_features=vocab))
+
+    assert logits_batch(32, model(262_144)) == 8 and logits_batch(32, model(49_152)) == 32
+    assert logits_batch(4, model(262_144)) == 4 and logits_batch(32, model(10**9)) == 1
+    assert logits_batch(32, SimpleNamespace()) == 32

@@ -42,6 +42,23 @@ def no_key_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+# A likelihood pass (lm-eval's HFLM, the held-out scorer) holds a batch's fp32 logits and their log-softmax, [b, tokens, vocab] each: a large-vocabulary model
+# (Gemma-3: 262,144) at the demo's batch of 32 on 271-token passages needs ~17 GB for them alone.
+LOGITS_BUDGET_BYTES = 4 * 2**30
+LOGITS_PLANNING_TOKENS = 256
+
+
+def logits_batch(batch_size: int, model: Any) -> int:
+    """``eval.batch_size`` capped so that a batch of :data:`LOGITS_PLANNING_TOKENS`-token sequences keeps its fp32
+    logits and log-softmax under :data:`LOGITS_BUDGET_BYTES` (SmolLM2's 49,152 vocabulary: 42, so the demo's 32
+    stands; Gemma-3's 262,144: 8). The records' key keeps ``eval.batch_size`` (a score depends on the batch only through float rounding)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    vocab = getattr(head, "out_features", None) or getattr(getattr(model, "config", None), "vocab_size", None)
+    if not vocab:
+        return batch_size
+    return max(1, min(batch_size, LOGITS_BUDGET_BYTES // (LOGITS_PLANNING_TOKENS * vocab * 4 * 2)))
+
+
 @dataclass(frozen=True)
 class Scorer:
     """One benchmark kind: what ``eval.benchmarks.<name>.kind: <kind>`` selects, and every fact about it the

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lnull.errors import ConfigError
-from lnull.evaluate.base import Scorer, loads_always, register
+from lnull.evaluate.base import Scorer, loads_always, logits_batch, register
 
 # The number each paper reports.  Knowledge (LoRA-Null): 0-shot exact match.  Commonsense (OPLoRA's
 # forgetting tables): the paper names no variant, so we follow the usual lm-eval reporting: length-normalised
@@ -148,7 +148,8 @@ def _explicit_bos_lm(model: Any, tokenizer: Any, batch_size: int, add_bos: bool)
                     for r in rows]
             return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
 
-    return ExplicitBosHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=add_bos)
+    return ExplicitBosHFLM(pretrained=model, tokenizer=tokenizer, batch_size=logits_batch(batch_size, model),
+                           add_bos_token=add_bos)
 
 
 def _local_task(task: str, builtin: Path | None, rows: list[dict[str, Any]], work_dir: Path,

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from lnull.errors import ConfigError
-from lnull.evaluate.base import Scorer, loads_always, register
+from lnull.evaluate.base import Scorer, loads_always, logits_batch, register
 from lnull.evaluate.likelihood import mean_and_stderr
 
 N_EXAMPLES = 3
@@ -63,7 +63,7 @@ def score(name: str, bench: dict[str, Any], ctx: Any) -> dict[str, Any]:
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     exact, accuracy, nll = [], [], []
     device = next(ctx.model.parameters()).device
-    size = ctx.eval_cfg["batch_size"]
+    size = logits_batch(ctx.eval_cfg["batch_size"], ctx.model)  # a large vocabulary's logits capped
     with torch.no_grad():
         for start in range(0, len(encoded), size):
             batch = {k: v.to(device) for k, v in collate(encoded[start:start + size], pad).items()}

@@ -1,5 +1,5 @@
-"""Table kind ``results``: a paper table from its spec (``configs/table/<name>.yaml``), e.g. ``table=aaai_3a``. Each row is the table's experiment with one
-method, composed as ``lnull run`` would compose it; its cells are the stored records of that config (looked up by
+"""Table kind ``results``: a paper table from its spec (``configs/table/<name>.yaml``, e.g. ``table=aaai_3a``).
+Each row is the table's experiment with one method, composed as ``lnull run`` would compose it; its cells are the stored records of that config (looked up by
 key, so a row is done exactly when the store has its records) and the derived columns computed from them.
 
 A cited row (``cited:`` in its spec, e.g. RoseLoRA in extended Table 4, whose code is not public) is never run:
@@ -48,12 +48,11 @@ def compose_rows(table_cfg: dict[str, Any]) -> list[Row]:
         rows.append(Row(spec.get("label") or spec["method"], spec["method"], cfg,
                         spec.get("reported") or spec["method"], paper_rank=rank, paper_calib=calib, x=x))
     # The paper's model name at paper scale; the model actually run otherwise (demo scale, smoke overrides).
-    paper_setting = table_cfg["scale"]["name"] == "paper" and not tcfg["overrides"]
     first = next(r for r in rows if not r.is_cited)
     for row in rows:  # a cited row stands in the table's setting (never run: its cfg is read for nothing else)
         if row.is_cited:
             row.cfg = first.cfg
-    base_label = (tcfg.get("base_label") if paper_setting else None) or first.cfg["model"]["name"]
+    base_label = (tcfg.get("base_label") if paper_setting(table_cfg) else None) or first.cfg["model"]["name"]
     return [Row(f"{base_label} (pre-trained)", "base", first.cfg, "base")] + rows
 
 
@@ -133,10 +132,25 @@ def composed(cfg: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def paper_setting(cfg: dict[str, Any]) -> bool:
+    """The table runs the papers' own setting: the paper scale and no ``table.overrides``."""
+    return cfg["scale"]["name"] == "paper" and not cfg["table"]["overrides"]
+
+
+def likelihood_columns(cfg: dict[str, Any], rows: list[Row]) -> tuple[list[str], Optional[str], list[str]]:
+    """(NLL columns, learning column, every likelihood column shown) a table carries beside the papers' ones:
+    none at the papers' setting (``lnull.tables.likelihood``)."""
+    nll, learning = ([], None) if paper_setting(cfg) else likelihood.columns(cfg["table"], rows)
+    return nll, learning, nll + (["avg_nll", "kept"] if nll else []) + ([learning] if learning else [])
+
+
 def filled(cfg: dict[str, Any]) -> list[Row]:
-    """The table's rows with their cells read from the store."""
+    """The table's rows with their cells read from the store (the likelihood columns too, where it has them)."""
     rows = composed(cfg)
     fill(rows, cfg["table"])
+    nll, learning, extra = likelihood_columns(cfg, rows)
+    if extra:
+        likelihood.fill(rows, nll, learning)
     return rows
 
 
@@ -150,14 +164,10 @@ def build(cfg: dict[str, Any], out: Path, log: Callable[[str], None] = print) ->
     cols = columns(tcfg)
     printed = load(Path(tcfg["reported_dir"])).get(tcfg["reported"], []) if tcfg["reported"] else []
     reported = [find(printed, row.reported_as, row.paper_rank, row.paper_calib) if printed else None for row in rows]
-    scale = cfg["scale"]["name"]
-    paper_setting = scale == "paper" and not tcfg["overrides"]
-    nll, learning = ([], None) if paper_setting else likelihood.columns(tcfg, rows)
-    extra = nll + (["avg_nll", "kept"] if nll else []) + ([learning] if learning else [])
-    if extra:
-        likelihood.fill(rows, nll, learning)
+    scale, at_paper = cfg["scale"]["name"], paper_setting(cfg)
+    nll, learning, extra = likelihood_columns(cfg, rows)
     facts = provenance.ran(rows)
-    title = provenance.title(tcfg, scale, paper_setting, facts)
+    title = provenance.title(tcfg, scale, at_paper, facts)
     zero = likelihood.folded(rows, cols)
     shown = [c for c in cols if c not in zero]
     notes = [provenance.line(facts, render.LABELS)]
@@ -176,7 +186,7 @@ def build(cfg: dict[str, Any], out: Path, log: Callable[[str], None] = print) ->
                                      "better), Kept %, held-out task exact match", rows, extra, lower=lower,
                                      labels={**render.LABELS, **likelihood.LABELS}, number=likelihood.number)
         md += "\n" + changes_markdown(likelihood.changes(rows, nll), nll + ["avg_nll"])
-    if printed and paper_setting:
+    if printed and at_paper:
         md += "\n" + render.comparison_markdown(rows, cols, reported)
     elif printed:
         said = likelihood.direction(rows, reported)
