@@ -111,7 +111,7 @@ def _rows_with(values: dict[str, float], stderr: dict[str, float] | None = None)
     rows = []
     for label, v in values.items():
         row = paper.Row(label, "base" if label == "pre" else "m", {}, "m")
-        row.cells["x"] = paper.Cell(v, (stderr or {}).get(label))
+        row.cells["x"] = paper.Cell(v, (stderr or {}).get(label, 0.0))
         rows.append(row)
     return rows
 
@@ -120,7 +120,7 @@ def test_best_is_bold_and_runner_up_underlined_among_methods_only():
     rows = _rows_with({"pre": 9.0, "a": 3.0, "b": 5.0, "c": 4.5, "d": 4.0, "e": None})
     assert render.ranks(rows, "x") == {2: 1, 3: 2}  # the pre-trained row never ranks
     md = render.markdown("t", rows, ["x"])
-    assert "| b | - | **5.00** |" in md and "| c | - | <u>4.50</u> |" in md and "| pre | - | 9.00 |" in md
+    assert "| b | - | **5.00 ± 0.00** |" in md and "| c | - | <u>4.50 ± 0.00</u> |" in md and "| pre | - | 9.00 ± 0.00 |" in md
     assert render.MARKS_NOTE in md and "| e | - | — |" in md
     tex = render.latex("t", rows, ["x"])
     assert r"\textbf{5.00}" in tex and r"\underline{4.50}" in tex
@@ -145,6 +145,11 @@ def test_ties_and_differences_within_one_standard_error_get_no_mark():
     mbpp = _rows_with({"a": 25.0, "b": 0.0, "c": 0.0}, {"a": 21.65, "b": 0.0, "c": 0.0})
     assert render.ranks(mbpp, "x") == {0: 1}
     assert render.ranks(_rows_with({"a": 25.0, "b": 5.0}, {"a": 21.65, "b": 0.0}), "x") == {}
+    # no standard error known (a derived Kept % or GM): no mark, whatever the values
+    unknown = _rows_with({"a": 9.0, "b": 1.0, "c": 0.0})
+    for row in unknown:
+        row.cells["x"].stderr = None
+    assert render.ranks(unknown, "x") == {}
 
 
 def test_latex_is_balanced_and_escaped():

@@ -14,7 +14,7 @@ import math
 import statistics
 from typing import Any, Optional
 
-from lnull.tables.rows import Cell, Row, stored_records
+from lnull.tables.rows import Cell, Row, mean_stderr, stored_records
 
 NLL_OF = {"triviaqa": "triviaqa_nll", "nq_open": "nq_open_nll", "webqs": "webqs_nll"}
 LEARNING = "task_heldout"
@@ -53,7 +53,7 @@ def fill(rows: list[Row], nll: list[str], learning: Optional[str]) -> None:
         if not nll or any(v is None for v in values.values()) or any(base.cells[c].value is None for c in nll):
             row.cells["avg_nll"] = row.cells["kept"] = Cell(None, missing="not run")
             continue
-        row.cells["avg_nll"] = Cell(statistics.fmean(values.values()))
+        row.cells["avg_nll"] = Cell(statistics.fmean(values.values()), mean_stderr([row.cells[c] for c in nll]))
         row.cells["kept"] = Cell(kept_percent(values, {c: base.cells[c].value for c in nll}))
 
 

@@ -16,7 +16,8 @@ from lnull.tables import likelihood, provenance
 from lnull.tables.base import TableKind, register
 from lnull.tables.derived import derive
 from lnull.tables.retention import changes_markdown
-from lnull.tables.rows import CITED, Cell, Row, check_columns, row_overrides, run_configs, stored_records, write_files
+from lnull.tables.rows import (CITED, Cell, Row, check_columns, mean_stderr, row_overrides, run_configs,
+                               stored_records, write_files)
 
 __all__ = ["CITED", "Cell", "Row", "row_overrides", "compose_rows", "columns", "check_benchmarks", "fill", "status",
            "run_rows", "build", "RESULTS"]
@@ -95,7 +96,14 @@ def fill(rows: list[Row], tcfg: dict[str, Any]) -> None:
         for column, value in derive(values, base, list(tcfg["knowledge"]), list(tcfg["downstream"]),
                                     list(tcfg["derived"])).items():
             why = next((c.missing for k, c in row.cells.items() if c.missing), None)
-            row.cells[column] = Cell(value, missing=None if value is not None else why or "not computable")
+            means = MEAN_OF.get(column, lambda t: [])(tcfg)  # a plain mean carries its inputs' standard error
+            stderr = mean_stderr([row.cells[k] for k in means]) if value is not None and means else None
+            row.cells[column] = Cell(value, stderr, missing=None if value is not None else why or "not computable")
+
+
+# the derived columns that are plain means of raw columns (the others, Avg1(Per) and GM, are not: no standard error)
+MEAN_OF = {"avg1": lambda t: list(t["knowledge"]), "avg2": lambda t: list(t["downstream"]),
+           "avg": lambda t: list(t["knowledge"]) + list(t["downstream"])}
 
 
 def fill_cited(row: Row, raw: list[str], tcfg: dict[str, Any]) -> None:

@@ -35,19 +35,22 @@ def params_text(n: Optional[int]) -> str:
 
 MARKS_NOTE = ("Best **bold**, runner-up <u>underlined</u>: only a row alone in its place and ahead of the next "
               "row by more than one standard error of their difference (paired over the same items where the records "
-              "keep them); ties and closer differences are unmarked.")
+              "keep them); ties, closer differences and columns without a standard error (Kept %, GM, Avg1(Per)) are "
+              "unmarked.")
 
 
 def _apart(a: Cell, b: Cell) -> bool:
     """``a`` and ``b`` differ by more than one standard error of their difference: paired over the same items
     when both cells carry per-item values of one length (the same questions scored for every row), else
-    sqrt(se_a² + se_b²) (a cell without a standard error counts 0)."""
+    sqrt(se_a² + se_b²). A cell without either has no known noise: never apart (Kept %, GM, Avg1(Per))."""
     if a.items is not None and b.items is not None and len(a.items) == len(b.items) > 1:
         diffs = [x - y for x, y in zip(a.items, b.items)]
         mean = sum(diffs) / len(diffs)
         se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+    elif a.stderr is None or b.stderr is None:
+        return False
     else:
-        se = math.hypot(a.stderr or 0.0, b.stderr or 0.0)
+        se = math.hypot(a.stderr, b.stderr)
     return abs(a.value - b.value) > se
 
 

@@ -26,7 +26,8 @@ from typing import Any, Callable, Optional
 
 from lnull.errors import ConfigError
 from lnull.tables.base import TableKind, register
-from lnull.tables.rows import Cell, Row, check_columns, row_overrides, run_configs, stored_records, write_files
+from lnull.tables.rows import (Cell, Row, check_columns, mean_stderr, row_overrides, run_configs, stored_records,
+                               write_files)
 
 LABELS = {"nq_open_nll": "NQ-Open", "triviaqa_nll": "TriviaQA", "webqs_nll": "WebQS", "avg_nll": "Avg",
           "kept": "Kept %", "wiki_text": "Wiki text", "task_heldout": "Task EM %", "gm": "GM"}
@@ -150,7 +151,7 @@ def _derived(cells: dict[str, Cell], base: dict[str, Cell], knowledge: list[str]
         for c in ("avg_nll", "kept", "gm"):
             cells[c] = Cell(None, missing="not run")
         return
-    cells["avg_nll"] = Cell(statistics.fmean(values.values()))
+    cells["avg_nll"] = Cell(statistics.fmean(values.values()), mean_stderr([cells[b] for b in knowledge]))
     kept = kept_percent(values, {b: base[b].value for b in knowledge})
     cells["kept"] = Cell(kept)
     acc = cells[learning].value if learning else None

@@ -6,6 +6,7 @@ composed as ``lnull run`` would compose it, so a row is done exactly when the st
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -48,6 +49,14 @@ class Row:
     @property
     def is_cited(self) -> bool:
         return self.cited is not None
+
+
+def mean_stderr(cells: list[Cell]) -> Optional[float]:
+    """Standard error of the mean of ``cells``' values (independent cells): sqrt(sum se²) / n; None when a cell has
+    none."""
+    if not cells or any(c.stderr is None for c in cells):
+        return None
+    return math.sqrt(sum(c.stderr ** 2 for c in cells)) / len(cells)
 
 
 def row_overrides(table_cfg: dict[str, Any], row: dict[str, Any]) -> list[str]:
