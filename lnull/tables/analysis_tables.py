@@ -78,16 +78,18 @@ def composed(cfg: dict[str, Any]) -> list[Row]:
     return compose_rows(cfg)[1:]
 
 
-def texts(tcfg: dict[str, Any], rows: list[Row], reported_dir: Path) -> dict[str, str]:
-    """{md, tex, csv} of an analysis table."""
+def texts(tcfg: dict[str, Any], rows: list[Row], reported_dir: Path, title: str = "", note: str = "") -> dict[str, str]:
+    """{md, tex, csv} of an analysis table (``title``: default the spec's; ``note`` under the table)."""
     if tcfg["analysis_part"] == "table1":
         header, body = table1(rows)
     else:
         header, body = effective_ranks(rows, reported_dir / (tcfg["reported"] or "aaai_table2_effective_rank.csv"))
-    md = [f"### {tcfg['title']}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(r) + " |" for r in body]
-    md += ["", f"{MISSING} not analysed yet (`lnull table table={tcfg['name']} table.run_missing=true`)"]
-    tex = [f"% {latex_escape(tcfg['title'])}", r"\begin{tabular}{" + "l" * len(header) + "}", r"\toprule",
+    title = title or tcfg["title"]
+    md = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(r) + " |" for r in body] + [""] + ([note] if note else [])
+    if any(MISSING in cell for r in body for cell in r):
+        md += [f"{MISSING} not analysed yet (`lnull table table={tcfg['name']} table.run_missing=true`)"]
+    tex = [f"% {latex_escape(title)}", r"\begin{tabular}{" + "l" * len(header) + "}", r"\toprule",
            " & ".join(latex_escape(h) for h in header) + r" \\", r"\midrule"]
     tex += [" & ".join(latex_escape(c).replace(MISSING, "---") for c in r) + r" \\" for r in body]
     tex += [r"\bottomrule", r"\end{tabular}"]
@@ -98,9 +100,15 @@ def texts(tcfg: dict[str, Any], rows: list[Row], reported_dir: Path) -> dict[str
 
 def build(cfg: dict[str, Any], out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Write ``<name>.{md,tex,csv}`` into ``out`` from the rows' stored analyses."""
+    from lnull.tables import provenance
+    from lnull.tables.paper import paper_setting
+    from lnull.tables.render import LABELS
+
     tcfg = cfg["table"]
     rows = composed(cfg)
-    written = texts(tcfg, rows, Path(tcfg["reported_dir"]))
+    facts = provenance.ran(rows)
+    title = provenance.title(tcfg, cfg["scale"]["name"], paper_setting(cfg), facts)
+    written = texts(tcfg, rows, Path(tcfg["reported_dir"]), title, provenance.line(facts, LABELS))
     log(written["md"])
     return {"rows": len(rows), "complete_rows": sum(ok for _, ok in status_of(rows)),
             "paths": write_files(out, tcfg["name"], written)}

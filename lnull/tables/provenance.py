@@ -63,7 +63,7 @@ def line(facts: dict[str, Any], labels: dict[str, str]) -> str:
     """One line under the title: what ran, item counts per benchmark, and where the facts come from."""
     items = ", ".join(f"{labels.get(b, b)} {n}" for b, n in facts["items"].items()) or "none scored yet"
     source = (f"read from the records of {facts['from_records']} of {facts['rows']} rows"
-              if facts["from_records"] else "from the rows' configs (nothing scored yet)")
+              if facts["from_records"] else "from the rows' configs: no record read")
     return (f"Ran: {facts['model']}; r = {facts['rank']}; calibration {facts['samples']} windows × "
             f"{facts['seqlen']} tokens; task {facts['task']}, {facts['steps']} steps; items per benchmark: {items} "
             f"({source}).")
