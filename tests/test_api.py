@@ -182,3 +182,17 @@ def test_statistics_of_another_model_fail_naming_the_module(tiny):
     with pytest.raises(ConfigError, match="padded"):
         api.collect_statistics(small, [{"input_ids": windows[:2], "attention_mask": torch.zeros_like(windows[:2])}],
                                TARGETS)
+
+
+def test_corda_reads_each_inputs_statistics_once(tiny, monkeypatch):
+    """CorDA's init reads PEFT's statistic and, for its report, the covariance of every input: each packed
+    triangle is unpacked once per input (not once per module, nor twice when the two statistics alternate)."""
+    import lnull.activations as activations
+
+    cfg, path, calibration, _, _ = tiny
+    calls = []
+    unpack = activations.unpack_triu
+    monkeypatch.setattr(activations, "unpack_triu", lambda packed: calls.append(1) or unpack(packed))
+    api.preprocess(_model(path), _config(), method="corda_kpm", statistics=calibration, progress=False)
+    inputs = len(set(CalibrationStats(calibration).alias.values()))
+    assert len(calls) == 2 * inputs
