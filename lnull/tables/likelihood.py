@@ -10,7 +10,6 @@ our Kept %?
 """
 from __future__ import annotations
 
-import math
 import statistics
 from typing import Any, Optional
 
@@ -46,7 +45,7 @@ def fill(rows: list[Row], nll: list[str], learning: Optional[str]) -> None:
             row.cells[bench] = Cell(None, missing="not run") if rec is None else \
                 Cell(rec["value"], rec.get("stderr"), items=(rec.get("details") or {}).get("items"))
     base = rows[0]
-    for row in rows:
+    for row in rows:  # not retention.derived_cells: its "gm" would overwrite the paper's GM column
         if row.is_cited:
             continue
         values = {c: row.cells[c].value for c in nll}
@@ -60,7 +59,7 @@ def fill(rows: list[Row], nll: list[str], learning: Optional[str]) -> None:
 def changes(rows: list[Row], nll: list[str]) -> list[tuple[str, dict[str, Cell]]]:
     """Per method row: the paired change of each NLL column from the pre-trained row (± standard error) and their
     average (its standard error from theirs)."""
-    from lnull.tables.retention import paired_change
+    from lnull.tables.retention import paired_change, with_average
 
     base, out = rows[0], []
     for row in rows[1:]:
@@ -70,12 +69,10 @@ def changes(rows: list[Row], nll: list[str]) -> list[tuple[str, dict[str, Cell]]
         for c in nll:
             a, b = row.cells[c].items, base.cells[c].items
             cells[c] = Cell(*paired_change(a, b)) if a and b else Cell(None, missing="not run")
-        present = [cells[c] for c in nll if cells[c].value is not None]
-        cells["avg_nll"] = Cell(statistics.fmean(c.value for c in present),
-                                math.sqrt(sum((c.stderr or 0) ** 2 for c in present)) / len(present)) \
-            if present and len(present) == len(nll) else Cell(None, missing="not run")
         out.append((row.label, cells))
-    return out
+    if not nll:  # nothing to average
+        return [(label, {"avg_nll": Cell(None, missing="not run")}) for label, _ in out]
+    return with_average(out, nll)
 
 
 def folded(rows: list[Row], cols: list[str]) -> list[str]:
