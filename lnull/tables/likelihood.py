@@ -45,7 +45,7 @@ def fill(rows: list[Row], nll: list[str], learning: Optional[str]) -> None:
             row.cells[bench] = Cell(None, missing="not run") if rec is None else \
                 Cell(rec["value"], rec.get("stderr"), items=(rec.get("details") or {}).get("items"))
     base = rows[0]
-    for row in rows:  # not retention.derived_cells: its "gm" would overwrite the paper's GM column
+    for row in rows:  # not retention._derived: its "gm" would overwrite the paper's GM column
         if row.is_cited:
             continue
         values = {c: row.cells[c].value for c in nll}

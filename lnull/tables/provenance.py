@@ -26,9 +26,9 @@ def ran(rows: list[Row]) -> dict[str, Any]:
     items: dict[str, list[int]] = {}
     recorded = 0
     for row in runs:
-        recs = [rec for rec in getattr(row, "records", {}).values() if rec]
+        recs = [rec for rec in row.records.values() if rec]
         recorded += bool(recs)
-        for bench, rec in getattr(row, "records", {}).items():
+        for bench, rec in row.records.items():
             if rec:
                 items.setdefault(bench, []).append(rec["n"])
         cfg = row.cfg
