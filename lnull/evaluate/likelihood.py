@@ -18,7 +18,8 @@ show what a method forgets at that scale; the likelihood of the gold answer can.
 Records: ``value`` = mean over items of the per-item NLL per token (lower is better), ``stderr`` = its standard
 error over items, ``details.items`` = the per-item values in document order (paired comparisons between models
 of the same data, e.g. the demo table's bootstrap), ``details.greedy`` = % of answers that are the greedy
-continuation (lm_eval_nll).
+continuation (lm_eval_nll), ``details.item_tokens`` = each text's scored tokens (text_nll; so the pooled
+per-token mean PEFT reports, ``lnull.forgetting.peft_forgetting``, is sum(items x item_tokens) / tokens).
 """
 from __future__ import annotations
 
@@ -168,16 +169,17 @@ def score_text(name: str, bench: dict[str, Any], ctx: Any) -> dict[str, Any]:
         spec, folder = _local_task(f"{name}_text", None, [{"text": t} for t in texts], ctx.work_dir, Path(hf_cache),
                                    name=f"lnull_{name}_text", overrides=overrides)
         out, samples = _evaluate(lm, spec, folder, ctx.eval_cfg["seed"])
-    items, examples, total_tokens = [], [], 0
+    items, item_tokens, examples = [], [], []
     for s in samples:
         (text,) = _args(s)[:1]
         tokens = len(lm.tok_encode(text))
         loglik = s["resps"][0][0]
         items.append(-float(loglik if not isinstance(loglik, (list, tuple)) else loglik[0]) / tokens)
-        total_tokens += tokens
+        item_tokens.append(tokens)
         if len(examples) < N_EXAMPLES:
             examples.append({"text": text[:200], "tokens": tokens, METRIC: round(items[-1], 4)})
-    return _record(out, items, {"tokens": total_tokens, "data": bench["dataset"]}, ctx, "loglikelihood_rolling",
+    return _record(out, items, {"tokens": sum(item_tokens), "item_tokens": item_tokens, "data": bench["dataset"]},
+                   ctx, "loglikelihood_rolling",
                    examples, {"output_type": "loglikelihood_rolling", "target": target,
                               "prefix_token_id": lm.prefix_token_id})
 
