@@ -74,7 +74,9 @@ table2: $(STAMP)
 table3: $(STAMP)
 	for t in aaai_3a aaai_3b aaai_3c aaai_3d; do $(TABLE) table=$$t || exit 1; done
 
-table4: sweep-calib sweep-rank
+table4: $(STAMP)
+	$(TABLE) table=aaai_4a
+	$(TABLE) table=aaai_4b
 
 ext-table1: $(STAMP)
 	for t in ext_1a ext_1b ext_1c; do $(TABLE) table=$$t || exit 1; done

@@ -115,6 +115,29 @@ def test_offline_nq_open_on_a_local_file_records_versions_and_bos(tiny_cfg, tmp_
     assert no_network == []
 
 
+def test_eval_max_new_tokens_caps_lm_evals_generation_too(tiny_cfg, tmp_path, tokenizer, monkeypatch):
+    """`+scale=demo` promises at most eval.max_new_tokens new tokens per answer: lm-eval's tasks keep their
+    prompts and stop strings but generate no more than that (lm-eval's own default, 256, otherwise)."""
+    from lm_eval.models.huggingface import HFLM
+
+    from lnull.tiny import build_model
+
+    seen = []
+    original = HFLM._model_generate
+
+    def spy(self, context, max_length, stop, **kwargs):
+        out = original(self, context, max_length, stop, **kwargs)
+        seen.append((max_length - context.shape[1], out.shape[1] - context.shape[1]))
+        return out
+
+    monkeypatch.setattr(HFLM, "_model_generate", spy)
+    data = _jsonl(tmp_path / "nq.jsonl", facts(2))
+    rec = score("nq", _bench("nq_open", str(data)), _ctx(tiny_cfg("eval.max_new_tokens=5"), build_model(tokenizer),
+                                                          tokenizer, tmp_path))
+    assert seen and all(allowed == 5 and made <= 5 for allowed, made in seen)
+    assert rec["settings"]["max_gen_toks"] == 5 and rec["settings"]["max_new_tokens_cap"] == 5
+
+
 def test_bos_handling_is_explicit(tokenizer):
     from lnull.tiny import build_model
 

@@ -22,7 +22,7 @@ import re
 import tempfile
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from lnull.errors import ConfigError
 from lnull.evaluate.base import Scorer, loads_always, logits_batch, register
@@ -106,8 +106,10 @@ def builtin_task_yaml(task: str) -> Path:
     raise ConfigError(f"unknown lm-eval task '{task}'" + (f"; did you mean {', '.join(close)}?" if close else ""))
 
 
-def _explicit_bos_lm(model: Any, tokenizer: Any, batch_size: int, add_bos: bool) -> Any:
-    """An lm-eval HFLM on the loaded model whose BOS handling is exactly ``add_bos``.
+def _explicit_bos_lm(model: Any, tokenizer: Any, batch_size: int, add_bos: bool,
+                     max_gen_toks: Optional[int] = None) -> Any:
+    """An lm-eval HFLM on the loaded model whose BOS handling is exactly ``add_bos``; ``max_gen_toks`` (None:
+    lm-eval's default, 256) is the most tokens it generates for a task that sets none itself.
 
     HFLM's ``add_bos_token`` only sets the tokenizer's ``add_special_tokens``; tokenizers without a BOS
     post-processor (SmolLM2's, the tiny one) then add nothing.  This subclass prepends the BOS id itself, as
@@ -130,6 +132,10 @@ def _explicit_bos_lm(model: Any, tokenizer: Any, batch_size: int, add_bos: bool)
 
         def generate_until(self, requests: list, disable_tqdm: bool = True) -> list:
             return super().generate_until(requests, disable_tqdm=True)
+
+        @property
+        def max_gen_toks(self) -> int:  # HFLM's is a constant property (no constructor argument sets it)
+            return super().max_gen_toks if max_gen_toks is None else int(max_gen_toks)
 
         def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
                        **kwargs: Any) -> list[int]:
@@ -219,7 +225,9 @@ def score(name: str, bench: dict[str, Any], ctx: Any) -> dict[str, Any]:
             spec, folder = _local_task(task, builtin, rows, ctx.work_dir, Path(hf_cache))
             manager, limit = TaskManager(include_path=str(folder), include_defaults=False), None
         seed = ctx.eval_cfg["seed"]
-        lm = _explicit_bos_lm(ctx.model, ctx.tokenizer, ctx.eval_cfg["batch_size"], ctx.add_bos)
+        # eval.max_new_tokens (demo scale) caps generation here too, as it does for lnull's own scorers
+        lm = _explicit_bos_lm(ctx.model, ctx.tokenizer, ctx.eval_cfg["batch_size"], ctx.add_bos,
+                              ctx.eval_cfg.get("max_new_tokens"))
         try:
             out = simple_evaluate(
                 model=lm, tasks=[spec], num_fewshot=bench.get("num_fewshot", 0), limit=limit, task_manager=manager,
@@ -266,6 +274,7 @@ def check_task_exists(name: str, bench: Any, cache_dir: Any, ev: Any) -> None:
     builtin_task_yaml(bench["task"])
 
 
-register(Scorer(kind="lm_eval", score=score, packages=("lm_eval",), needs_weights=loads_always,
+# version 2: eval.max_new_tokens caps lm-eval's generation (version 1 generated up to lm-eval's 256 under a cap)
+register(Scorer(kind="lm_eval", score=score, version="2", packages=("lm_eval",), needs_weights=loads_always,
                 check=check_task_named, check_inputs=check_task_exists,
                 description="an lm-eval task (its metric), local data swapped in through a generated task"))
