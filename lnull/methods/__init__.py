@@ -9,7 +9,8 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from lnull.methods import corda, full, lora, lora_fa, lora_null, milora, oplora, pissa  # noqa: F401  (registration)
+from lnull.methods import (corda, eva, full, lora, lora_fa, lora_ga, lora_null, mica, milora, olora,  # noqa: F401
+                           oplora, orthogonal, pissa)  # (registration)
 from lnull.methods.base import REGISTRY, STATISTICS, LayerInit, Method, layer_generator, register
 
 METHOD_FILE = "lnull_method.json"  # in init/adapter/ (and init/ for methods without an adapter)

@@ -14,6 +14,12 @@ imports a method file or compares a method name: extra files beside its adapter 
 ``extra_file``), hooks on a loaded adapter (``attach``), what saving/merging must bake in (``bake``), the
 effective factors analysis should measure (``effective_factors``) and which options enter its store key
 (``key_options``).
+
+A method PEFT itself implements (OLoRA, MiCA, orthogonal, EVA, LoRA-GA) is no per-layer function but a model-level
+hook, ``Method.peft_init`` (``lnull.methods.peft_backed``): PEFT's own call on the model, whose (A, B) lnull keeps.
+Such a method may read the fine-tuning data (``reads_task_data``: EVA's activations, LoRA-GA's gradients), and may
+leave W0 untouched while B0 A0 != 0 (``base="original"``: PEFT's orthogonal init, whose B0 A0 is rounding noise
+that PEFT keeps on top of W0 rather than subtracting).
 """
 from __future__ import annotations
 
@@ -46,6 +52,12 @@ class LayerInit:
 
 
 InitFn = Callable[[torch.Tensor, Optional[torch.Tensor], int, float, Any, torch.Generator], LayerInit]
+# (model with the ORIGINAL weights, target module suffixes, rank r, lora_alpha, dropout, options, batches or None)
+# -> {module: (A [r, d_in], B [d_out, r])} fp32 on the CPU. The call may change the targeted weights in place (PEFT
+# subtracts s B A for OLoRA / LoRA-GA) and returns the model to plain modules; the init stage checks the relation.
+PeftInitFn = Callable[[torch.nn.Module, list, int, float, float, Any, Optional[list]],
+                      dict[str, tuple[torch.Tensor, torch.Tensor]]]
+BASES = ("residual", "original")  # what the init adapter sits on: W0 - s B0 A0 (every per-layer method), or W0
 
 
 def all_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -79,8 +91,23 @@ class Method:
     effective_factors: Optional[Callable[[Factors, Factors, Any], tuple[Factors, Factors]]] = None
     # (options dict) -> the part of them the init reads (its store key); default all of them.
     key_options: Callable[[dict[str, Any]], dict[str, Any]] = all_options
+    # Instead of ``init``: PEFT's own initialisation of the whole model (PeftInitFn above).
+    peft_init: Optional[PeftInitFn] = None
+    # True: ``peft_init`` reads batches of the run's task data; its options then have ``data_examples`` and
+    # ``data_batch_size`` (``peft_backed.TaskDataConfig``) and the task enters the init key (``lnull.stages``).
+    reads_task_data: bool = False
+    # "original": the adapter sits on the untouched W0 although B0 A0 != 0 (PEFT's orthogonal init: the outputs
+    # change at init by B0 A0's rounding noise, as in PEFT); recorded in lnull_method.json, where lnull.residual
+    # reads it. "residual": on W0 - s B0 A0.
+    base: str = "residual"
 
     def __post_init__(self) -> None:
+        if self.init is not None and self.peft_init is not None:
+            raise ValueError(f"method '{self.name}': give either a per-layer init or a peft_init, not both")
+        if self.reads_task_data and self.peft_init is None:
+            raise ValueError(f"method '{self.name}': only a peft_init reads the task data")
+        if self.base not in BASES:
+            raise ValueError(f"method '{self.name}': base must be one of {', '.join(BASES)}")
         if self.statistic is not None and self.statistic not in STATISTICS:
             raise ValueError(f"method '{self.name}': unknown statistic '{self.statistic}'")
         if not issubclass(self.options, MethodConfig):
@@ -92,7 +119,7 @@ class Method:
 
     @property
     def has_adapter(self) -> bool:
-        return self.init is not None
+        return self.init is not None or self.peft_init is not None
 
     def make_options(self, section: dict[str, Any]) -> Any:
         """The typed options of a resolved ``method`` section (unknown keys: TypeError)."""
