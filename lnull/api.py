@@ -192,6 +192,9 @@ def preprocess(model: torch.nn.Module, lora_config: Any, method: str,
     init = REGISTRY[method]
     if not init.has_adapter:
         raise ConfigError(f"method '{method}' trains the whole model: it has no adapter to initialise")
+    if init.peft_init is not None:
+        raise ConfigError(f"method '{method}' is PEFT's own initialisation: call PEFT directly (LoraConfig("
+                          f"init_lora_weights=...)); lnull runs it only in the init stage")
     targets = _check_config(lora_config)
     section = _method_section(init, lora_config, options)
     opts = init.make_options(section)

@@ -5,6 +5,11 @@ with the freezing rule), ``init/lnull_method.json`` and ``init/report.json``; fu
 two JSON files. The residual weights W0 - s B0 A0 are never stored: whoever loads the init rebuilds them from
 the original model (:mod:`lnull.residual`), so ``PeftModel.from_pretrained(load_residual_model(original,
 init/adapter, ...), init/adapter)`` gives the original model's outputs.
+
+A method PEFT implements (``Method.peft_init``: OLoRA, MiCA, orthogonal, EVA, LoRA-GA) is PEFT's own call on the
+whole model (:func:`peft_inits`), on the fine-tuning data for the methods that read it (:func:`task_batches`); its
+adapter is saved like every other. PEFT's orthogonal init keeps W0 under a B0 A0 that is not 0 (rounding noise):
+its record says ``"base": "original"`` and the loaders subtract nothing (:mod:`lnull.residual`).
 """
 from __future__ import annotations
 
@@ -33,10 +38,16 @@ def lora_scale(cfg_method: dict[str, Any]) -> float:
 
 def check_inputs(layout: Any) -> None:
     """Pre-flight (``Stage.check``): the method's rank fits every targeted projection
-    (:func:`lnull.modeling.check_shapes`)."""
+    (:func:`lnull.modeling.check_shapes`); a method reading the task data finds it (as the train stage's check)."""
     from lnull.modeling import check_shapes
 
-    check_shapes(layout.cfg)
+    cfg = layout.cfg
+    check_shapes(cfg)
+    if REGISTRY[cfg["method"]["name"]].reads_task_data:
+        from lnull.data.sources import check_available, task_fields
+
+        check_available(cfg["task"]["dataset"], cfg.get("cache_dir"), "task.dataset", fields=task_fields(cfg["task"]),
+                        limit=cfg["task"]["max_examples"])
 
 
 def run(cfg: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
@@ -70,7 +81,18 @@ def build(cfg: dict[str, Any], out_dir: Path, calibration_dir: Optional[Path]) -
         extras_dir = out_dir / "adapter"
         extras_dir.mkdir(parents=True, exist_ok=True)
         method.write_extras(linears, options, extras_dir)
-    inits, report = layer_inits(method, linears, stats, info, options, pick_device(cfg["device"]), cfg["progress"])
+    if method.peft_init is not None:
+        batches = None
+        if method.reads_task_data:
+            batches, info["data"] = task_batches(cfg, path, options)
+        # PEFT changes the targeted weights in place (OLoRA, LoRA-GA); the adapter saved below holds only A, B and a
+        # config, which do not depend on the base weights, so the same (unloaded) model carries it: no second load
+        # of the original (13.5 GB bf16 at 7B).
+        inits, report = peft_inits(method, model, linears, list(mcfg["target_modules"]), info, options, batches,
+                                   pick_device(cfg["device"]))
+    else:
+        inits, report = layer_inits(method, linears, stats, info, options, pick_device(cfg["device"]),
+                                    cfg["progress"])
     peft_model = adapter_model(model, inits, info, list(mcfg["target_modules"]))
     peft_model.save_pretrained(out_dir / "adapter")
     for folder in (out_dir, out_dir / "adapter"):  # the adapter folder describes itself when copied out
@@ -92,12 +114,103 @@ def check_layers(method: Any, linears: dict[str, torch.nn.Linear], rank: int, op
 
 def method_record(method: Any, meth_cfg: dict[str, Any], official_fp16: bool = False) -> dict[str, Any]:
     """What ``lnull_method.json`` says of an init: method, freezing rule, rank, alpha, scale s = alpha / r, the
-    options, and whether the factors were cast to fp16 (the official recipe)."""
+    options, and whether the factors were cast to fp16 (the official recipe); ``"base": "original"`` when the adapter
+    sits on the untouched W0 (``Method.base``; absent: on W0 - s B0 A0, every init written before); ``build`` adds
+    ``data`` (what was read) for a method that reads the task data."""
     rank = meth_cfg["rank"]
-    return {"method": method.name, "frozen": method.frozen, "adapter": method.has_adapter, "options": meth_cfg,
-            "rank": rank if method.has_adapter else None, "official_fp16": official_fp16,
-            "alpha": (meth_cfg["alpha"] if meth_cfg["alpha"] is not None else rank) if method.has_adapter else None,
-            "scale": lora_scale(meth_cfg) if method.has_adapter else None}
+    record = {"method": method.name, "frozen": method.frozen, "adapter": method.has_adapter, "options": meth_cfg,
+              "rank": rank if method.has_adapter else None, "official_fp16": official_fp16,
+              "alpha": (meth_cfg["alpha"] if meth_cfg["alpha"] is not None else rank) if method.has_adapter else None,
+              "scale": lora_scale(meth_cfg) if method.has_adapter else None}
+    if method.base != "residual":
+        record["base"] = method.base
+    return record
+
+
+def task_batches(cfg: dict[str, Any], model_path: str, options: Any
+                 ) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
+    """(batches, what was read) for a method reading the task data: the first ``options.data_examples`` examples
+    of ``lnull.training.data.build_examples`` (the train stage's tokenisation: ``task``, ``train.max_length``,
+    ``model.add_bos``), ``options.data_batch_size`` per batch, each {input_ids, labels, attention_mask} int64
+    [b, t] right-padded (labels -100 on prompt and padding)."""
+    from lnull.data.prompts import IGNORE_INDEX
+    from lnull.data.sources import data_fingerprint
+    from lnull.modeling import load_tokenizer
+    from lnull.training.data import build_examples, collate
+
+    tokenizer = load_tokenizer(model_path)
+    n, limit = options.data_examples, cfg["task"]["max_examples"]
+    examples = []
+    if limit is None or limit > n:  # tokenise only the first n records when none of them is dropped (the usual case)
+        try:
+            examples = build_examples({**cfg, "task": {**cfg["task"], "max_examples": n}}, tokenizer)
+        except ConfigError:  # all n cut away by train.max_length: later records may not be
+            examples = []
+    if len(examples) < n:
+        examples = build_examples(cfg, tokenizer)[:n]
+    size = options.data_batch_size
+    batches = [collate(examples[i:i + size], tokenizer.pad_token_id) for i in range(0, len(examples), size)]
+    dataset = cfg["task"]["dataset"]
+    record = {"task": dataset, "fingerprint": data_fingerprint(dataset, cfg.get("cache_dir")),
+              "examples": len(examples), "batch_size": size, "batches": len(batches),
+              "tokens": sum(int(b["attention_mask"].sum()) for b in batches),
+              "response_tokens": sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches),
+              "max_length": cfg["train"]["max_length"], "add_bos": cfg["model"]["add_bos"]}
+    return batches, record
+
+
+PROBES = 4  # random vectors per module that check what PEFT did to its weight
+RELATION_TOLERANCE = 1e-2  # relative: bf16 rounding of W0 - s B A is ~4e-3 at worst; a wrong relation is O(1)
+
+
+def peft_inits(method: Any, model: torch.nn.Module, linears: dict[str, torch.nn.Linear], targets: list[str],
+               info: dict[str, Any], options: Any, batches: Optional[list], device: torch.device
+               ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
+    """({module: (A [r, d_in], B [d_out, r])} fp32 CPU, the init's report) of ``method.peft_init`` on ``model``
+    for the modules ``linears`` (``target_linears(model, targets)``).
+
+    The whole model moves to ``device`` for PEFT's call (EVA's forwards, LoRA-GA's backwards; at 7B: 13.5 GB bf16
+    weights, plus as much again for LoRA-GA's gradients of the targeted weights). PEFT may change the targeted
+    weights in place; each module's weight W after the call is checked against what the method declares,
+    W = W0 - s B A (``base`` "residual") or W = W0 ("original"), on ``PROBES`` random vectors p taken before the
+    call: the report's ``reconstruction_rel_err`` is ||W p + s B A p - W0 p|| / ||W0 p|| (resp. ||W p - W0 p|| /
+    ||W0 p||), beside ``base_change_rel`` (||W p - W0 p|| / ||W0 p||) and ``update_rel`` (||s B A p|| / ||W0 p||);
+    RuntimeError above RELATION_TOLERANCE."""
+    import peft
+
+    model.to(device)
+    generator = torch.Generator().manual_seed(0)
+    probes = {}
+    for name, lin in linears.items():
+        p = torch.randn(lin.in_features, PROBES, generator=generator).to(device)
+        probes[name] = (p, lin.weight.detach().float() @ p)
+    scale = info["scale"]
+    inits = method.peft_init(model, list(targets), info["rank"], info["alpha"], info["options"]["dropout"], options,
+                             batches)
+    if set(inits) != set(linears):
+        missing = sorted(set(linears) ^ set(inits))
+        raise RuntimeError(f"PEFT's {method.name} init gave adapters for other modules than the targeted ones: "
+                           f"{missing[:3]}")
+    report: dict[str, Any] = {"method": method.name, "rank": info["rank"], "peft": peft.__version__,
+                              "base": method.base, "modules": {}}
+    if "data" in info:
+        report["data"] = info["data"]
+    for name, lin in linears.items():
+        A, B = inits[name]
+        p, before = probes[name]
+        after = lin.weight.detach().float() @ p
+        update = scale * (B.to(device) @ (A.to(device) @ p))
+        norm = before.norm().clamp_min(1e-30)
+        kept, subtracted = (after - before).norm() / norm, (after + update - before).norm() / norm
+        err = float(kept if method.base == "original" else subtracted)
+        if not err <= RELATION_TOLERANCE:
+            raise RuntimeError(f"{name}: PEFT's {method.name} init left a weight W with ||W - W0|| / ||W0|| ~ "
+                               f"{float(kept):.2e} and ||W + s B A - W0|| / ||W0|| ~ {float(subtracted):.2e}; "
+                               f"the method declares base '{method.base}'")
+        report["modules"][name] = {"shape": list(lin.weight.shape), "reconstruction_rel_err": err,
+                                   "base_change_rel": float(kept), "update_rel": float(update.norm() / norm)}
+    report["max_reconstruction_rel_err"] = max(m["reconstruction_rel_err"] for m in report["modules"].values())
+    return inits, report
 
 
 def layer_inits(method: Any, linears: dict[str, torch.nn.Linear], stats: Any, info: dict[str, Any], options: Any,

@@ -5,7 +5,10 @@ model the adapter sits on is the original one with ``W_res = W0 - s B0 A0`` in e
 :func:`load_residual_model` loads the original weights in ``model.dtype`` and subtracts ``s B0 A0`` in fp32
 on the given device, casting back to the weight's dtype. The maths is deterministic on one device, so every
 load (a resumed run included) gives bit-equal weights. Modules whose B0 is zero (LoRA, LoRA-FA, OPLoRA) keep
-W0 untouched, so those inits and full fine-tuning cost no store bytes beyond the adapter.
+W0 untouched, so those inits and full fine-tuning cost no store bytes beyond the adapter. An init whose record
+(``lnull_method.json`` beside the adapter) says ``"base": "original"`` (PEFT's orthogonal init: W0 kept although
+B0 A0 != 0) sits on W0 itself: :func:`initial_factors` gives no factors for it, so every loader, ``is_residual``,
+``lora_on_original`` and export treat it as an init that moved no weight.
 
 Why not a stored copy: a 7B residual is 13.5 GB per init, and a paper table holds five of them; the
 subtraction costs one [d_out, r] x [r, d_in] product per module (about 2 TFLOP for a 7B model at r = 128,
@@ -30,19 +33,32 @@ ADAPTER_CONFIG = "adapter_config.json"
 _PREFIX = "base_model.model."
 
 
+def on_original_base(init_adapter: Path) -> bool:
+    """True when the init's record says its adapter sits on the untouched W0 (``"base": "original"``); an adapter
+    without a record, or a record without ``base`` (every init written before the key existed), sits on the
+    residual W0 - s B0 A0."""
+    from lnull.methods import METHOD_FILE
+
+    record = Path(init_adapter) / METHOD_FILE
+    return record.exists() and json.loads(record.read_text()).get("base", "residual") == "original"
+
+
 def initial_factors(init_adapter: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
     """({module name: (A0 [r, d_in], B0 [d_out, r])} as saved, scale s = lora_alpha / r) of an init adapter
-    folder; modules whose B0 is all zero are left out (their residual is W0)."""
+    folder; modules whose B0 or A0 is all zero are left out (their residual is W0), and so is every module of an
+    init on the original base (:func:`on_original_base`)."""
     init_adapter = Path(init_adapter)
     config = json.loads((init_adapter / ADAPTER_CONFIG).read_text())
     scale = float(config["lora_alpha"]) / float(config["r"])
+    if on_original_base(init_adapter):
+        return {}, scale
     tensors = load_file(str(init_adapter / ADAPTER_WEIGHTS))
     factors = {}
     for key, A in tensors.items():
         if ".lora_A." not in key:
             continue
         B = tensors[key.replace(".lora_A.", ".lora_B.")]
-        if bool(B.any()):
+        if bool(B.any()) and bool(A.any()):
             factors[key[len(_PREFIX):key.index(".lora_A.")]] = (A, B)
     return factors, scale
 
@@ -104,8 +120,10 @@ def lora_on_original(adapter: Path, init_adapter: Path, out_dir: Path, original:
     ``path_initial_model_for_weight_conversion``. Modules with B0 = 0 get A0 = 0 too (their update is s B A).
     Returns ``out_dir``."""
     adapter, out_dir = Path(adapter), Path(out_dir)
-    converted = on_original_tensors(load_file(str(adapter / ADAPTER_WEIGHTS)),
-                                    load_file(str(Path(init_adapter) / ADAPTER_WEIGHTS)))
+    init = load_file(str(Path(init_adapter) / ADAPTER_WEIGHTS))
+    if on_original_base(Path(init_adapter)):  # nothing was subtracted: the conversion adds nothing either
+        init = {k: torch.zeros_like(v) for k, v in init.items()}
+    converted = on_original_tensors(load_file(str(adapter / ADAPTER_WEIGHTS)), init)
     config = on_original_config(json.loads((adapter / ADAPTER_CONFIG).read_text()), original)
 
     def write(folder: Path) -> None:

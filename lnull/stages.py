@@ -6,7 +6,8 @@ read :data:`STAGES`. A stage's key is the hash of exactly what it reads: the con
 
 - calibration is keyed by (model weights, target modules, BOS, calibration section): a rank sweep, or
   LoRA-Null v1/v2 and CorDA on one model, calibrate once;
-- init by (calibration key when the method reads a statistic, model, dtype, the method's own options);
+- init by (calibration key when the method reads a statistic, model, dtype, the method's own options; for a method
+  reading the fine-tuning data, EVA and LoRA-GA, the task, its data fingerprint, train.max_length and BOS);
 - train by (init key, task and its data, train recipe, launch), export by the train key;
 - evaluation per record (``lnull.evaluate.stage``), by (scored model's key, benchmark settings, scorer version).
 
@@ -61,8 +62,15 @@ def _init_inputs(cfg: Config) -> dict[str, Any]:
     m = cfg["model"]
     # "residual": inits are an adapter only since the residual is rebuilt on load (lnull.residual); entries
     # written before held a stored residual whose rounding the rebuilt one need not match bit for bit
-    return {"model": model_fingerprint_of(cfg), "dtype": m["dtype"], "target_modules": m["target_modules"],
-            "method": _method(cfg).key_options(cfg["method"]), "residual": "rebuilt on load"}
+    inputs = {"model": model_fingerprint_of(cfg), "dtype": m["dtype"], "target_modules": m["target_modules"],
+              "method": _method(cfg).key_options(cfg["method"]), "residual": "rebuilt on load"}
+    if _method(cfg).reads_task_data:  # EVA's activations, LoRA-GA's gradients: what build_examples reads
+        from lnull.data.sources import data_fingerprint
+
+        task = cfg["task"]
+        inputs["task_data"] = {"task": task, "data": data_fingerprint(task["dataset"], cfg.get("cache_dir")),
+                               "max_length": cfg["train"]["max_length"], "add_bos": m["add_bos"]}
+    return inputs
 
 
 def _train_inputs(cfg: Config) -> dict[str, Any]:
