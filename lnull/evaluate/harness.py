@@ -34,7 +34,17 @@ from lnull.evaluate.base import Scorer, loads_always, logits_batch, register
 PRIMARY_METRIC = {
     "nq_open": "exact_match", "triviaqa": "exact_match", "webqs": "exact_match",
     "arc_easy": "acc_norm", "arc_challenge": "acc_norm", "hellaswag": "acc_norm", "openbookqa": "acc_norm",
-    "piqa": "acc_norm", "boolq": "acc", "social_iqa": "acc", "winogrande": "acc",
+    "piqa": "acc_norm", "boolq": "acc", "social_iqa": "acc", "winogrande": "acc", "mmlu": "acc",
+}
+# lm-eval groups of one task per subject whose offline asset holds every subject in one file: scored as one task
+# that includes one subject's YAML (all share the template) with the per-subject keys rendered per document, so
+# the score is the group's question-weighted accuracy (lm-eval's ``mmlu`` aggregates with weight_by_size).
+# 0-shot only: lm-eval draws a subject's few-shot examples from that subject's dev split, which the file lacks.
+MERGED_TASKS: dict[str, tuple[str, dict[str, Any]]] = {
+    "mmlu": ("mmlu_abstract_algebra", {
+        "task_alias": "mmlu", "tag": None,
+        "description": "The following are multiple choice questions (with answers) about "
+                       "{{subject.split('_') | join(' ')}}.\n\n"}),
 }
 SPLIT = "test"  # the one split of a swapped-in local file
 N_EXAMPLES = 3
@@ -209,10 +219,12 @@ def score(name: str, bench: dict[str, Any], ctx: Any) -> dict[str, Any]:
     task = bench.get("task")
     if not task:
         raise ConfigError(f"eval.benchmarks.{name}.task (the lm-eval task name) is not set")
-    builtin = builtin_task_yaml(task)
+    included, overrides = MERGED_TASKS.get(task, (task, None))
+    builtin = builtin_task_yaml(included)
     hub = bench.get("dataset") == "hub"
     if not hub and not bench.get("dataset"):
         raise ConfigError(f"eval.benchmarks.{name}.dataset is not set (asset:<name>/<split>, a jsonl, or hub)")
+    check_merged(name, bench)
     # the json builder's Arrow copy of a local file is scratch: a temp folder, not the run or ~/.cache
     with tempfile.TemporaryDirectory(prefix="lnull-lm-eval-") as hf_cache:
         if hub:
@@ -222,7 +234,7 @@ def score(name: str, bench: dict[str, Any], ctx: Any) -> dict[str, Any]:
                 rows = ctx.records(bench)
             except (FileNotFoundError, ValueError) as err:  # missing / unknown asset: one clear line
                 raise ConfigError(f"eval.benchmarks.{name}: {err}") from None
-            spec, folder = _local_task(task, builtin, rows, ctx.work_dir, Path(hf_cache))
+            spec, folder = _local_task(task, builtin, rows, ctx.work_dir, Path(hf_cache), overrides=overrides)
             manager, limit = TaskManager(include_path=str(folder), include_defaults=False), None
         seed = ctx.eval_cfg["seed"]
         # eval.max_new_tokens (demo scale) caps generation here too, as it does for lnull's own scorers
@@ -269,9 +281,22 @@ def check_task_named(name: str, bench: Any, ev: Any) -> None:
         raise ConfigError(f"eval.benchmarks.{name}.task (the lm-eval task name) is not set")
 
 
+def check_merged(name: str, bench: Any) -> None:
+    """A :data:`MERGED_TASKS` task runs on a local file of every subject, 0-shot (ConfigError otherwise)."""
+    if bench["task"] not in MERGED_TASKS:
+        return
+    if bench.get("dataset") == "hub":
+        raise ConfigError(f"eval.benchmarks.{name}: lm-eval's '{bench['task']}' is a group of one task per subject; "
+                          f"use the offline file of all of them (asset:{bench['task']}/test from `lnull assets`)")
+    if bench.get("num_fewshot"):
+        raise ConfigError(f"eval.benchmarks.{name}.num_fewshot: '{bench['task']}' runs 0-shot here (lm-eval takes "
+                          "each subject's few-shot examples from its dev split, which the offline file lacks)")
+
+
 def check_task_exists(name: str, bench: Any, cache_dir: Any, ev: Any) -> None:
     """Before any model loads: lm-eval knows the task (ConfigError naming close names)."""
-    builtin_task_yaml(bench["task"])
+    check_merged(name, bench)
+    builtin_task_yaml(MERGED_TASKS.get(bench["task"], (bench["task"],))[0])
 
 
 # version 2: eval.max_new_tokens caps lm-eval's generation (version 1 generated up to lm-eval's 256 under a cap)
