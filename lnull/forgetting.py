@@ -195,11 +195,23 @@ def informative_exact_match(base: Any, trained: Any, floor: float = EXACT_MATCH_
     return Estimate(t["value"] - b["value"], se, t["n"], "pp")
 
 
+def accuracy_change(base: Any, trained: Any) -> Estimate:
+    """Trained minus base of one benchmark's value (pp; e.g. MMLU acc), unpaired SE; None with why if either is
+    missing."""
+    b, t = _as_dict(base), _as_dict(trained)
+    if b is None or t is None or b["value"] is None or t["value"] is None:
+        return _missing("pp", f"no {'base' if b is None or b['value'] is None else 'trained'} score")
+    se = math.sqrt(b["stderr"] ** 2 + t["stderr"] ** 2) if b["stderr"] is not None and t["stderr"] is not None \
+        else None
+    return Estimate(t["value"] - b["value"], se, t["n"], "pp")
+
+
 def literature_forgetting(records: Iterable[Any], text_benchmark: str = "wiki_text",
                           exact_match: Iterable[str] = ("nq_open", "triviaqa", "webqs")) -> dict[str, Any]:
     """A run's records (``eval/results.json``, base and trained) in the literature's units:
-    ``peft_forgetting`` (nats/token, trained - base), ``biderman`` (each model's average, %, and the change, pp)
-    and ``exact_match`` (per lm-eval task of ``exact_match``, its change in pp or None with why)."""
+    ``peft_forgetting`` (nats/token, trained - base), ``biderman`` (each model's average, %, and the change, pp),
+    ``mmlu`` (0-shot acc change, pp; configs/eval/mmlu.yaml) and ``exact_match`` (per lm-eval task of
+    ``exact_match``, its change in pp or None with why)."""
     recs = [_as_dict(r) for r in records]
     by_model: dict[str, list[dict[str, Any]]] = {}
     for r in recs:
@@ -216,4 +228,6 @@ def literature_forgetting(records: Iterable[Any], text_benchmark: str = "wiki_te
                                                find(trained, benchmark=text_benchmark)).to_dict(),
             "biderman": {"base": biderman_average(base).to_dict(), "trained": biderman_average(trained).to_dict(),
                          "change": biderman_change(base, trained).to_dict()},
+            "mmlu": accuracy_change(find(base, task="mmlu", kind="lm_eval"),
+                                    find(trained, task="mmlu", kind="lm_eval")).to_dict(),
             "exact_match": em}

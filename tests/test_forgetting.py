@@ -121,6 +121,10 @@ def test_literature_forgetting_of_a_runs_records():
     assert out["biderman"]["change"]["value"] == pytest.approx(-5 / 3)
     assert out["exact_match"]["nq_open"]["value"] is None  # no such records: None with why, never 0
     assert out["exact_match"]["nq_open"]["why"] == "no base record"
+    assert out["mmlu"]["value"] is None and out["mmlu"]["why"] == "no base score"
+    mmlu = [_record(m, "mmlu", "lm_eval", "acc", v, {}, stderr=1.0, n=570)
+            for m, v in (("base", 30.0), ("trained", 28.5))]
+    assert literature_forgetting(records + mmlu)["mmlu"]["value"] == pytest.approx(-1.5)
 
 
 def test_the_literature_eval_config_declares_the_benchmarks_it_needs():
