@@ -15,7 +15,8 @@ from lnull.errors import ConfigError
 from lnull.methods import REGISTRY
 from lnull.modeling import load_model, load_tokenizer, resolve_model, target_linears
 
-ADAPTER_METHODS = sorted(name for name, m in REGISTRY.items() if m.has_adapter)
+# PEFT-backed methods (Method.peft_init) are PEFT's own calls: the API sends their users to PEFT (test_peft_methods.py)
+ADAPTER_METHODS = sorted(name for name, m in REGISTRY.items() if m.has_adapter and m.peft_init is None)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

@@ -27,7 +27,8 @@ from lnull.tiny_families import LAYERS, TARGETS, materialize_family
 RANK, ALPHA = 4, 8
 SCALE = ALPHA / RANK
 FAMILIES = ["qwen2", "gemma3", "mistral", "phi3"]  # gpt2: rejected (test_conv1d_targets_fail_in_one_line)
-METHODS = sorted(name for name, m in REGISTRY.items() if m.has_adapter)
+# lnull's own per-layer inits; PEFT's (Method.peft_init) are checked against PEFT itself in test_peft_methods.py
+METHODS = sorted(name for name, m in REGISTRY.items() if m.has_adapter and m.peft_init is None)
 NULL_METHODS = sorted(name for name in METHODS if REGISTRY[name].statistic == "covariance")
 B_ZERO = {"lora", "lora_fa", "oplora"}  # start at B0 = 0 (residual = W0); every other method moves weight
 # Unique layer inputs per decoder layer: q/k/v share one, gate/up one (Phi-3 fuses them: no sharing left).

@@ -200,5 +200,12 @@ def test_no_module_outside_methods_imports_a_method_file_or_compares_a_method_na
             continue
         bad_imports = _imports(path, module, modules) & method_files
         assert not bad_imports, f"{module} imports {bad_imports}"
-        literals = {n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant)}
-        assert not literals & names, f"{module} names method(s) {literals & names}"
+        tree = ast.parse(path.read_text())
+        literals = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)}
+        # vLLM's list of PEFT init_lora_weights values (lnull.serving): PEFT's names, some of which are also the
+        # names of the lnull methods that call PEFT's init (eva, mica, ...); no method is compared there
+        peft_values = set() if module != "lnull.serving" else {
+            n.value for a in ast.walk(tree) if isinstance(a, ast.Assign)
+            and any(isinstance(t, ast.Name) and t.id == "_PLAIN_INITS" for t in a.targets)
+            for n in ast.walk(a.value) if isinstance(n, ast.Constant)}
+        assert not (literals - peft_values) & names, f"{module} names method(s) {(literals - peft_values) & names}"
