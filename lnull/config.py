@@ -224,6 +224,7 @@ class TableRowConfig:
     cited: Optional[str] = None
     values: dict[str, float] = field(default_factory=dict)
     params: Optional[int] = None
+    lr: Optional[float] = None  # kind frontier: the method's recommended learning rate, its grid's centre
 
 
 @dataclass
@@ -237,13 +238,14 @@ class TableConfig:
     avg1_per, avg2, gm as the AAAI paper; avg as the extended one); ``sweep``: the config key whose value is
     the x-axis of a figure; ``reported``: ``<source>:<table>`` of the papers' numbers to compare with;
     ``kind: analysis``: AAAI Tables 1-2 from ``lnull analyze`` (``analysis_part``: table1 | effective_rank);
-    ``kind: retention``: knowledge kept vs task learned on likelihood metrics (``make demo``).
+    ``kind: retention``: knowledge kept vs task learned on likelihood metrics (``make demo``);
+    ``kind: frontier``: each method over a learning-rate grid, knowledge kept at matched learning (``lnull frontier``).
     ``audit``: recompute every derived column of the reported tables instead (``lnull table --audit``).
     """
 
     name: str = "summary"
     title: str = ""
-    kind: str = "results"  # summary | results | analysis | retention (one module of lnull/tables/ each)
+    kind: str = "results"  # summary | results | analysis | retention | frontier (a module of lnull/tables/ each)
     experiment: Optional[str] = None
     base_label: Optional[str] = None
     rows: list[TableRowConfig] = field(default_factory=list)
@@ -267,6 +269,15 @@ class TableConfig:
     compare: list[str] = field(default_factory=list)
     against: list[str] = field(default_factory=list)
     bootstrap: int = 2000
+    # kind frontier: rates per method (spaced by the factor lr_step around the row's lr), extra rates run while
+    # a method's best lies on an edge, and the task level to compare at (None: the best every method reaches)
+    lr_points: int = 5
+    lr_step: float = 3.1623  # half a decade
+    widen: int = 2
+    match_at: Optional[float] = None
+    # lm-eval benchmarks whose change is shown in the literature's units (Biderman et al.'s HellaSwag / ARC-C /
+    # WinoGrande average, MMLU; lnull.forgetting); PEFT's forgetting is read from the first general column
+    literature: list[str] = field(default_factory=list)
 
 
 @dataclass
