@@ -247,3 +247,29 @@ def test_the_python_api_sends_peft_inits_to_peft(method, tiny):
 
     with pytest.raises(ConfigError, match="PEFT's own initialisation"):
         api.preprocess(tiny.original(), LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS), method=method)
+
+
+@pytest.mark.parametrize("method", ["orthogonal", "olora"])
+def test_lora_on_original_follows_the_recorded_base(method, tiny, tmp_path):
+    """A trained adapter written for the untouched base model (vLLM's view) computes what PeftModel(residual
+    model, adapter) does: orthogonal's init sits on W0 (no conversion term), OLoRA's on W0 - s B0 A0."""
+    import shutil
+
+    from peft import PeftModel
+    from safetensors.torch import save_file
+
+    from lnull.residual import load_residual_model, lora_on_original
+
+    init_dir = tiny.init(method)
+    trained = tmp_path / "trained"
+    shutil.copytree(init_dir / "adapter", trained)
+    weights = load_file(str(trained / "adapter_model.safetensors"))
+    generator = torch.Generator().manual_seed(0)
+    save_file({k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in weights.items()},
+              str(trained / "adapter_model.safetensors"))
+    converted = lora_on_original(trained, init_dir / "adapter", tmp_path / "on_original", tiny.path)
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(load_residual_model(tiny.path, init_dir / "adapter", "float32"),
+                                         trained).eval()(input_ids=_ids()).logits
+        got = PeftModel.from_pretrained(tiny.original(), converted).eval()(input_ids=_ids()).logits
+    assert (got - want).abs().max() <= 1e-5, (method, (got - want).abs().max())
