@@ -193,6 +193,8 @@ def check_target(name: str, bench: Any, ev: Any) -> None:
 register(Scorer(kind="lm_eval_nll", score=score_answers, packages=("lm_eval",), needs_weights=loads_always,
                 check=check_task_named, check_inputs=check_task_exists, lower_is_better=True,
                 description="NLL per token (nats) of the gold answer under an lm-eval QA task's prompt"))
-register(Scorer(kind="text_nll", score=score_text, packages=("lm_eval",), needs_weights=loads_always,
+# version 2: records keep each text's token count (details.item_tokens), which PEFT's pooled forgetting needs
+# (lnull.forgetting.peft_forgetting); version-1 records lack it, so they are re-scored rather than shown as n/a
+register(Scorer(kind="text_nll", score=score_text, version="2", packages=("lm_eval",), needs_weights=loads_always,
                 check=check_target, lower_is_better=True,
                 description="NLL per token (nats) of held-out general text (lm-eval's rolling loglikelihood)"))
