@@ -121,7 +121,9 @@ def test_the_built_in_kinds_and_their_facts():
     assert {s.kind for s in scorers if s.proportion} == {"math", "code", "qa_exact_match"}
     assert {s.kind for s in scorers if s.lower_is_better} == {"lm_eval_nll", "text_nll"}
     assert {s.kind for s in scorers if s.packages == ("lm_eval",)} == {"lm_eval", "lm_eval_nll", "text_nll"}
-    assert {s.version for s in scorers} == {"1"}
+    # protocol changes bump a kind's version (its stored records are re-scored): lm_eval 2 honours
+    # eval.max_new_tokens, text_nll 2 keeps each text's token count
+    assert {s.kind: s.version for s in scorers if s.version != "1"} == {"lm_eval": "2", "text_nll": "2"}
     ev = {"engine": "vllm", "code": {"backend": "builtin"}}
     assert {s.kind for s in scorers if s.needs_weights(ev)} == {"lm_eval", "lm_eval_nll", "text_nll",
                                                                  "task_heldout"}
