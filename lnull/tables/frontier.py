@@ -27,6 +27,7 @@ from lnull.errors import ConfigError
 from lnull.tables.base import TableKind, register
 from lnull.tables.frontier_stats import Interval, PointItems, bootstrap_matched, log_grid, matched_level, pareto, \
     widened
+from lnull.tables import retention
 from lnull.tables.retention import Fit, kept_percent
 from lnull.tables.rows import check_columns, row_overrides, run_configs, stored_records, write_files
 
@@ -101,7 +102,8 @@ def _fits(table_cfg: dict[str, Any], plan: "MethodPlan", lr: float) -> list[Fit]
 
 
 def columns_of(tcfg: dict[str, Any]) -> list[str]:
-    return list(tcfg["knowledge"]) + list(tcfg["general"]) + list(tcfg["downstream"]) + list(tcfg["literature"])
+    """The retention table's columns (knowledge, general, downstream) and the literature benchmarks."""
+    return retention.columns_of(tcfg) + list(tcfg["literature"])
 
 
 def _seed_mean(estimates: list[Any]) -> Any:
