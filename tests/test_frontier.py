@@ -183,3 +183,15 @@ def test_frontier_command_runs_the_frontier_table(tmp_path):
     cfg = compose(["table=frontier"])
     assert cfg["table"]["kind"] == "frontier" and cfg["table"]["against"] == ["lora", "lora_null_v1"]
     assert len(cfg["table"]["rows"]) == 9 and cfg["table"]["lr_points"] >= 5
+
+
+def test_match_at_sets_the_level_the_curves_are_read_at(tmp_path):
+    cfg = _table_cfg(tmp_path, "table.widen=0", "table.match_at=40")
+    _fixture(cfg)
+    out = tmp_path / "tables"
+    out.mkdir()
+    summary = frontier.build(cfg, out, log=lambda m: None)
+    md = (out / "frontier.md").read_text()
+    assert summary["level"] == 40 and "task score = 40.0 % (table.match_at)" in md
+    # LoRA's curve passes (40 %, 0.5): read there exactly
+    assert "| LoRA | 3 of 3 | lr 0.01: 60.0 % | +0.50" in md
